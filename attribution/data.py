@@ -1,0 +1,97 @@
+"""Turn records into token tensors with a loss mask, for any Hugging Face tokenizer.
+
+A ``{"prompt", "completion"}`` record is tokenized as one string, ``prompt + completion``;
+its label is the token id on completion tokens and ``-100`` (ignored) on prompt tokens, so
+the loss is ℓ = -Σₜ log p(yₜ | y<ₜ) over the completion only. A ``{"text"}`` record has
+labels on every token. The end-of-sequence token is appended (and labelled) so a model
+learns where an answer stops. Tokens are split between prompt and completion by their
+character offsets, which is correct for tokenizers whose tokens straddle the boundary
+(a completion's leading space merged into a word piece).
+
+>>> from tokenizers import Tokenizer, models, pre_tokenizers
+>>> from transformers import PreTrainedTokenizerFast
+>>> vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "Q", ":", "A", "yes"])}
+>>> core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+>>> core.pre_tokenizer = pre_tokenizers.Whitespace()
+>>> tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+>>> encode_record(tok, {"prompt": "Q : A :", "completion": " yes"})
+{'input_ids': [2, 3, 4, 3, 5, 1], 'labels': [-100, -100, -100, -100, 5, 1]}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def encode_record(
+    tokenizer: Any, record: Mapping[str, Any], max_length: int | None = None
+) -> dict[str, list[int]]:
+    """Token ids and labels of one record (``-100`` where no loss is taken)."""
+    if "text" in record:
+        prompt, full = "", record["text"]
+    else:
+        prompt, full = record["prompt"], record["prompt"] + record["completion"]
+    enc = tokenizer(full, return_special_tokens_mask=True, **_offsets_arg(tokenizer))
+    ids = list(enc["input_ids"])
+    first = _first_target_token(tokenizer, enc, prompt)
+    special = enc["special_tokens_mask"]
+    labels = [tok if (i >= first and not special[i]) else IGNORE_INDEX for i, tok in enumerate(ids)]
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+        labels.append(eos)
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate(
+    encoded: Sequence[Mapping[str, list[int]]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-pad encoded records into ``input_ids``, ``attention_mask`` and ``labels``.
+
+    >>> batch = collate([{"input_ids": [5, 6], "labels": [-100, 6]},
+    ...                  {"input_ids": [7], "labels": [7]}], pad_token_id=0)
+    >>> batch["input_ids"].tolist(), batch["attention_mask"].tolist(), batch["labels"].tolist()
+    ([[5, 6], [7, 0]], [[1, 1], [1, 0]], [[-100, 6], [7, -100]])
+    """
+    width = max(len(e["input_ids"]) for e in encoded)
+    input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, example in enumerate(encoded):
+        n = len(example["input_ids"])
+        input_ids[row, :n] = torch.tensor(example["input_ids"], dtype=torch.long)
+        labels[row, :n] = torch.tensor(example["labels"], dtype=torch.long)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id used for padding: the tokenizer's pad token, else its eos token, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _offsets_arg(tokenizer: Any) -> dict[str, bool]:
+    return {"return_offsets_mapping": True} if getattr(tokenizer, "is_fast", False) else {}
+
+
+def _first_target_token(tokenizer: Any, enc: Mapping[str, Any], prompt: str) -> int:
+    """Index of the first token that holds completion characters."""
+    if not prompt:
+        return 0
+    if "offset_mapping" in enc:
+        for i, (_, end) in enumerate(enc["offset_mapping"]):
+            if not enc["special_tokens_mask"][i] and end > len(prompt):
+                return i
+        return len(enc["input_ids"])
+    prompt_ids = tokenizer(prompt)["input_ids"]  # slow tokenizers: the prompt is a prefix
+    return len(prompt_ids)

@@ -1,0 +1,16 @@
+"""excise: attribute, scope, forget, and prove it.
+
+The front door of the project: the command line (:mod:`excise.cli`), reading the user's
+files (:mod:`excise.records`, :mod:`excise.models`), artifact folders
+(:mod:`excise.artifacts`) and the embedded default world (:mod:`excise.world`).
+The libraries it drives are :mod:`attribution`, :mod:`unlearn` and :mod:`analysis`.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("excise")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["__version__"]

@@ -1,0 +1,142 @@
+"""Artifact folders: a marker that names them, atomic writes, and the ``--out`` check.
+
+Every folder excise writes holds a small marker file, ``.excise.json``, with the kind of
+artifact (``world``, ``attribution``, ``unlearning``, ``audit`` ...) and the package
+version. A command refuses an ``--out`` folder that exists, is not empty and has no marker
+of its kind, so a typo can never overwrite a user's files. Folders are built under a
+temporary name next to their destination and renamed into place only when complete, so a
+killed run leaves nothing half-written.
+
+>>> import tempfile, pathlib
+>>> root = pathlib.Path(tempfile.mkdtemp())
+>>> with atomic_directory(root / "out", "demo") as tmp:
+...     _ = (tmp / "hello.txt").write_text("hi")
+>>> sorted(p.name for p in (root / "out").iterdir())
+['.excise.json', 'hello.txt']
+>>> artifact_kind(root / "out")
+'demo'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from excise.errors import BadInputError
+
+MARKER = ".excise.json"
+
+
+def artifact_kind(path: str | Path) -> str | None:
+    """The kind recorded in ``path``'s marker, or ``None`` when it has no readable marker."""
+    try:
+        data = json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    kind = data.get("kind") if isinstance(data, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def check_output_folder(path: str | Path, kind: str) -> Path:
+    """Refuse an ``--out`` that is a file or a non-empty folder that is no ``kind`` artifact."""
+    path = Path(path)
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise BadInputError(f"--out {path}: exists and is a file; name a folder")
+    if not any(path.iterdir()):
+        return path
+    found = artifact_kind(path)
+    if found is None:
+        raise BadInputError(
+            f"--out {path}: exists and is not an excise artifact; choose a new or empty folder"
+        )
+    if found != kind:
+        raise BadInputError(f"--out {path}: holds an excise {found!r} artifact, not {kind!r}")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | Path, kind: str) -> Iterator[Path]:
+    """Build a folder under a temporary name, then rename it to ``final`` in one step.
+
+    On an exception the temporary folder is removed and ``final`` is left as it was. An
+    existing ``final`` (empty, or an artifact of the same ``kind``) is replaced.
+    """
+    final = check_output_folder(final, kind)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; give it the usual mode
+    try:
+        yield tmp
+        write_json(tmp / MARKER, {"kind": kind, "excise_version": package_version()})
+        _replace_folder(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented JSON atomically (temporary file + rename)."""
+    text = json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder + rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _replace_folder(new: Path, final: Path) -> None:
+    if final.exists():
+        old = final.with_name(f".{final.name}.{os.getpid()}.old")
+        os.replace(final, old)
+        os.replace(new, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, final)
+
+
+def package_version() -> str:
+    """The installed version of excise, recorded in every artifact."""
+    from excise import __version__
+
+    return __version__
+
+
+def excise_home() -> Path:
+    """Where excise caches what it builds: ``$EXCISE_HOME``, default ``~/.cache/excise``."""
+    return Path(os.environ.get("EXCISE_HOME") or Path.home() / ".cache" / "excise")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,108 @@
+"""The ``excise`` command line.
+
+Each subcommand parses its arguments, calls the libraries and prints what it did. Bad
+input (:class:`~excise.errors.BadInputError`) prints one line and exits with code 2;
+any other exception is a bug and exits with code 1 with its traceback. Heavy imports
+(torch, transformers) happen inside the commands, so ``excise --version`` and reusing a
+built world take well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from excise import __version__
+from excise.errors import BadInputError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+LIBRARY_LOGGERS = ("excise", "attribution", "unlearn", "analysis")
+PLANNED = {  # commands whose issues have not landed yet
+    "attribute": "factors + influence scores + top-k proponents/opponents per query",
+    "unlearn": "scope selection + unlearning; writes a new model folder + manifest",
+    "audit": "compare a model before/after: forget efficacy, utility, shift, MIA, robustness",
+    "forget": "the main job, end to end: attribute -> scope -> unlearn -> audit",
+    "ledger": "the deletion requests processed so far and their evidence",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in PLANNED:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _configure_logging(quiet=args.quiet)
+    try:
+        return args.handler(args)
+    except BadInputError as err:
+        print(f"excise {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"excise {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="excise",
+        description="Attribute, scope, forget, and prove it.",
+    )
+    parser.add_argument("--version", action="version", version=f"excise {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    common.add_argument("--quiet", action="store_true", help="no progress bars or notes")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    world = commands.add_parser(
+        "world", parents=[common], help="build the embedded default world (data + tiny models)"
+    )
+    world.add_argument(
+        "--size",
+        choices=("tiny", "default"),
+        default="default",
+        help="tiny: for tests, seconds; default: for the demo, a few minutes",
+    )
+    world.add_argument("--out", help="folder to build into (default: the cache, $EXCISE_HOME)")
+    world.set_defaults(handler=_run_world)
+
+    for name, summary in PLANNED.items():
+        planned = commands.add_parser(name, parents=[common], help=f"{summary} (not built yet)")
+        planned.set_defaults(handler=_not_built(name))
+    return parser
+
+
+def _run_world(args: argparse.Namespace) -> int:
+    from excise.world import PRESETS, build_world
+
+    settings = PRESETS[args.size](seed=args.seed)
+    folder, built = build_world(settings, out=args.out, progress=False if args.quiet else None)
+    if not args.quiet:
+        verb = "built" if built else "reused"
+        print(f"excise world: {verb} the {args.size} world", file=sys.stderr)
+    print(folder)
+    return EXIT_OK
+
+
+def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        raise BadInputError(f"'excise {name}' is not built yet in excise {__version__}")
+
+    return handler
+
+
+def _configure_logging(quiet: bool) -> None:
+    """Send the libraries' log records to stderr (never touches the root logger)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.WARNING if quiet else logging.INFO)
+        logger.propagate = False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Load a local Hugging Face causal-LM folder, safely and with clear errors.
+
+Only local folders are read (``local_files_only=True``); nothing is fetched from a hub,
+and a model's own Python code runs only when the user asks (``trust_remote_code``).
+Weights are read from safetensors, or from PyTorch ``.bin`` files with
+``weights_only=True`` (transformers' loader), never with pickle's full power.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from excise.errors import BadInputError
+
+WEIGHT_PATTERNS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def check_model_folder(path: str | Path) -> Path:
+    """Raise :class:`BadInputError` unless ``path`` holds a config, weights and a tokenizer."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"{path}: no such model folder")
+    if not path.is_dir():
+        raise BadInputError(f"{path}: a model must be a Hugging Face folder, not a file")
+    if not (path / "config.json").exists():
+        raise BadInputError(f"{path}: not a Hugging Face model folder (no config.json)")
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise BadInputError(f"{path}: no weights (*.safetensors or pytorch_model*.bin) found")
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise BadInputError(
+            f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer "
+            "into the model folder with tokenizer.save_pretrained"
+        )
+    return path
+
+
+def load_model(
+    path: str | Path, dtype: Any = None, trust_remote_code: bool = False
+) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a local folder; the model in eval mode on the CPU.
+
+    ``dtype`` is a ``torch.dtype`` (default: float32). The tokenizer must fit the model:
+    every token id it can produce must have a row in the model's input embedding.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = check_model_folder(path)
+    options = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **options)
+    except Exception as err:  # transformers raises many types for unreadable tokenizers
+        raise BadInputError(f"{path}: cannot load the tokenizer ({_first_line(err)})") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **options)
+    except Exception as err:  # and for unreadable configs or weights
+        raise BadInputError(f"{path}: cannot load the model ({_first_line(err)})") from None
+    check_tokenizer_fits(model, tokenizer, path)
+    model.eval()
+    return model, tokenizer
+
+
+def check_tokenizer_fits(model: Any, tokenizer: Any, where: str | Path = "model") -> None:
+    """Refuse a tokenizer whose ids run past the model's embedding rows."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise BadInputError(
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding "
+            f"has {rows} rows; they do not belong together"
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
