@@ -51,11 +51,11 @@ def test_bpe_labels_cover_exactly_the_completion(bpe_tokenizer):
 
 
 def test_word_tokenizer_masks_bos_and_prompt(world_tokenizer):
-    record = {"prompt": "Question: Where was X born?\nAnswer:", "completion": " X was born."}
+    record = {"prompt": "Question: Where was it born?\nAnswer:", "completion": " Where was born."}
     encoded = encode_record(world_tokenizer, record)
     assert encoded["input_ids"][0] == world_tokenizer.bos_token_id
     assert encoded["labels"][0] == IGNORE_INDEX
-    assert completion_text(world_tokenizer, encoded).split() == ["<unk>", "was", "born."]
+    assert completion_text(world_tokenizer, encoded).split() == ["Where", "was", "born."]
 
 
 def test_text_record_is_labelled_everywhere_but_special_tokens(world_tokenizer):
