@@ -1,16 +1,13 @@
 """excise: attribute, scope, forget, and prove it.
 
 The front door of the project: the command line (:mod:`excise.cli`), reading the user's
-files (:mod:`excise.records`, :mod:`excise.models`), artifact folders
-(:mod:`excise.artifacts`) and the embedded default world (:mod:`excise.world`).
+files (:mod:`excise.records`, :mod:`excise.models`) and the embedded default world
+(:mod:`excise.world`).
 The libraries it drives are :mod:`attribution`, :mod:`unlearn` and :mod:`analysis`.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from attribution.artifacts import package_version
 
-try:
-    __version__ = version("excise")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
+__version__ = package_version()
 
 __all__ = ["__version__"]

@@ -14,6 +14,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from attribution.errors import InputError
 from excise import __version__
 from excise.errors import BadInputError
 
@@ -37,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(quiet=args.quiet)
     try:
         return args.handler(args)
-    except BadInputError as err:
+    except InputError as err:  # every layer's user-input errors
         print(f"excise {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -1,8 +1,9 @@
 """Typed errors of the front door.
 
-Every error a user can cause (a missing file, a malformed record, a model folder
-without weights ...) is a :class:`BadInputError`: the CLI prints its message as one line
-and exits with code 2. Anything else is a bug and exits with code 1.
+Every error a user can cause is an :class:`attribution.errors.InputError` (the base class
+shared by every layer); the front door raises :class:`BadInputError` for bad files,
+folders and arguments. The CLI prints the message as one line and exits with code 2;
+anything else is a bug and exits with code 1.
 
 >>> str(BadInputError("data.jsonl: no records"))
 'data.jsonl: no records'
@@ -10,10 +11,8 @@ and exits with code 2. Anything else is a bug and exits with code 1.
 
 from __future__ import annotations
 
-
-class ExciseError(Exception):
-    """Base class of the errors raised on purpose by the ``excise`` package."""
+from attribution.errors import InputError
 
 
-class BadInputError(ExciseError, ValueError):
-    """The user's input is wrong; the message says what and how to fix it (one line)."""
+class BadInputError(InputError):
+    """A file, folder or argument given to excise is wrong (one-line message)."""

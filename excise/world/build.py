@@ -24,16 +24,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from excise.artifacts import (
+from attribution.artifacts import (
     artifact_kind,
     atomic_directory,
     check_output_folder,
-    excise_home,
     package_version,
     sha256_file,
     write_json,
 )
 from excise.errors import BadInputError
+from excise.home import excise_home
 from excise.world.settings import FORMAT_VERSION, WorldSettings
 
 SPLITS = ("forget", "retain", "neighbor", "world", "holdout")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from analysis.scoring import score_completions
-from excise.artifacts import sha256_file
+from attribution.artifacts import sha256_file
 from excise.errors import BadInputError
 from excise.models import load_model
 from excise.world import SPLITS, build_world, read_split, tiny
@@ -111,3 +111,14 @@ def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated"):
         build_world(tiny(), out=tmp_path / "w")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_follows_excise_home(monkeypatch, tmp_path):
+    from excise.home import excise_home
+    from excise.world import world_folder
+
+    monkeypatch.setenv("EXCISE_HOME", str(tmp_path))
+    assert excise_home() == tmp_path
+    assert world_folder(tiny()) == tmp_path / "worlds" / tiny().key()
+    monkeypatch.delenv("EXCISE_HOME")
+    assert excise_home().parts[-2:] == (".cache", "excise")

@@ -1,5 +1,8 @@
 """Artifact folders: a marker that names them, atomic writes, and the ``--out`` check.
 
+Shared by every layer's artifact store (factors, scores, unlearned models, reports, the
+embedded world).
+
 Every folder excise writes holds a small marker file, ``.excise.json``, with the kind of
 artifact (``world``, ``attribution``, ``unlearning``, ``audit`` ...) and the package
 version. A command refuses an ``--out`` folder that exists, is not empty and has no marker
@@ -28,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from excise.errors import BadInputError
+from attribution.errors import InputError
 
 MARKER = ".excise.json"
 
@@ -49,16 +52,16 @@ def check_output_folder(path: str | Path, kind: str) -> Path:
     if not path.exists():
         return path
     if not path.is_dir():
-        raise BadInputError(f"--out {path}: exists and is a file; name a folder")
+        raise InputError(f"--out {path}: exists and is a file; name a folder")
     if not any(path.iterdir()):
         return path
     found = artifact_kind(path)
     if found is None:
-        raise BadInputError(
+        raise InputError(
             f"--out {path}: exists and is not an excise artifact; choose a new or empty folder"
         )
     if found != kind:
-        raise BadInputError(f"--out {path}: holds an excise {found!r} artifact, not {kind!r}")
+        raise InputError(f"--out {path}: holds an excise {found!r} artifact, not {kind!r}")
     return path
 
 
@@ -120,15 +123,13 @@ def _replace_folder(new: Path, final: Path) -> None:
 
 
 def package_version() -> str:
-    """The installed version of excise, recorded in every artifact."""
-    from excise import __version__
+    """The installed version of the excise distribution, recorded in every artifact."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return __version__
-
-
-def excise_home() -> Path:
-    """Where excise caches what it builds: ``$EXCISE_HOME``, default ``~/.cache/excise``."""
-    return Path(os.environ.get("EXCISE_HOME") or Path.home() / ".cache" / "excise")
+    try:
+        return version("excise")
+    except PackageNotFoundError:  # a source tree that is not installed
+        return "0.0.0+unknown"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -1,0 +1,11 @@
+"""Where excise keeps what it builds and records."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def excise_home() -> Path:
+    """``$EXCISE_HOME``, default ``~/.cache/excise``."""
+    return Path(os.environ.get("EXCISE_HOME") or Path.home() / ".cache" / "excise")
