@@ -1,0 +1,178 @@
+"""Per-example gradients of tracked modules: a vectorized hook path and a reference.
+
+Hook path. A forward hook keeps each tracked module's input a (with a trailing 1 when it
+has a bias) and its output; one ``autograd.grad`` of the summed loss gives g = ∂L/∂output at
+every token. Because L = Σₙ ℓ(zₙ) and examples do not interact, the gradient of example
+n is Gₙ = Σₜ gₙₜ aₙₜᵀ (``einsum("bto,bti->boi")``), for every example at once. The
+model's ``.grad`` fields are never touched and the hooks are always removed.
+
+Reference path (:func:`per_example_gradients_func`): ``torch.func.vmap`` of
+``torch.func.grad`` of the task's loss on one example through ``functional_call``. It
+works for any differentiable model and is what the hook path is tested against. Each
+example runs alone and without its attention mask: with right padding and causal
+attention, padding never changes the outputs at real tokens. Empirical Fisher only
+(labels are not sampled inside ``vmap``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from attribution.errors import NonFiniteError
+from attribution.modules import from_parameter_gradients, has_bias
+from attribution.task import Task
+
+
+@dataclass
+class ModuleIO:
+    """What one tracked module saw in one forward pass (one entry per call)."""
+
+    inputs: list[torch.Tensor] = field(default_factory=list)  # [batch, seq, in (+ 1)]
+    outputs: list[torch.Tensor] = field(default_factory=list)  # [batch, seq, out]
+    output_grads: list[torch.Tensor] = field(default_factory=list)  # [batch, seq, out]
+
+
+@contextlib.contextmanager
+def capture(
+    modules: Mapping[str, nn.Module], dtype: torch.dtype | None = None
+) -> Iterator[dict[str, ModuleIO]]:
+    """Record tracked modules' inputs and outputs during the forward passes in the block.
+
+    Tracked parameters are made to require grad inside the block (and restored after), so
+    outputs can be differentiated even for a frozen model.
+    """
+    records = {name: ModuleIO() for name in modules}
+    handles, flags = [], []
+    try:
+        for name, module in modules.items():
+            for p in module.parameters(recurse=False):
+                flags.append((p, p.requires_grad))
+                p.requires_grad_(True)
+            hook = _recorder(records[name], dtype, has_bias(module))
+            handles.append(module.register_forward_hook(hook))
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _recorder(record: ModuleIO, dtype: torch.dtype | None, bias: bool):
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        a = inputs[0].detach()
+        a = a if a.dim() == 3 else a.reshape(a.shape[0], -1, a.shape[-1])
+        a = a.to(dtype) if dtype is not None else a
+        if bias:
+            a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+        record.inputs.append(a)
+        record.outputs.append(output)
+
+    return hook
+
+
+def backward_to_outputs(
+    loss: torch.Tensor, records: Mapping[str, ModuleIO], dtype: torch.dtype | None = None
+) -> None:
+    """Fill ``output_grads`` of every record with ∂(Σ loss)/∂output."""
+    _check_finite(loss, "the loss")
+    outputs = [out for record in records.values() for out in record.outputs]
+    grads = torch.autograd.grad(loss.sum(), outputs, allow_unused=True)
+    position = 0
+    for record in records.values():
+        for out in record.outputs:
+            g = grads[position]
+            position += 1
+            g = torch.zeros_like(out) if g is None else g
+            g = g if g.dim() == 3 else g.reshape(g.shape[0], -1, g.shape[-1])
+            record.output_grads.append(g.to(dtype) if dtype is not None else g)
+        record.outputs.clear()  # free the graph
+
+
+def example_gradients(record: ModuleIO) -> torch.Tensor:
+    """Gₙ = Σₜ gₙₜ aₙₜᵀ summed over the module's calls, shape [batch, out, in + 1]."""
+    total = None
+    for a, g in zip(record.inputs, record.output_grads, strict=True):
+        term = torch.einsum("bto,bti->boi", g, a)
+        total = term if total is None else total + term
+    return total
+
+
+def per_example_gradients(
+    model: nn.Module,
+    task: Task,
+    batch: Mapping[str, torch.Tensor],
+    modules: Mapping[str, nn.Module],
+    sample: bool = False,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Gradient of each example's loss for each tracked module, ``[batch, out, in + 1]``."""
+    with capture(modules, dtype) as records, torch.enable_grad():
+        loss = task.loss(model, batch, sample=sample, generator=generator)
+        backward_to_outputs(loss, records, dtype)
+    grads = {name: example_gradients(record) for name, record in records.items()}
+    for name, grad in grads.items():
+        _check_finite(grad, f"the gradient of module {name!r}")
+    return grads
+
+
+def per_example_gradients_func(
+    model: nn.Module,
+    task: Task,
+    batch: Mapping[str, torch.Tensor],
+    modules: Mapping[str, nn.Module],
+    vectorize: bool = True,
+) -> dict[str, torch.Tensor]:
+    """The ``torch.func`` reference for :func:`per_example_gradients` (empirical Fisher)."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    params.update({n: b.detach() for n, b in model.named_buffers()})
+    tracked = {
+        f"{name}.{kind}": getattr(module, kind).detach()
+        for name, module in modules.items()
+        for kind in ("weight", "bias")
+        if getattr(module, kind, None) is not None
+    }
+    examples = {k: v for k, v in batch.items() if k != "attention_mask"}
+
+    def loss_of_one(tracked_params, example):
+        merged = {**params, **tracked_params}
+
+        def functional_model(**kwargs):
+            return functional_call(model, merged, args=(), kwargs=kwargs)
+
+        single = {k: v.unsqueeze(0) for k, v in example.items()}
+        return task.loss(functional_model, single).sum()
+
+    gradient = grad(loss_of_one)
+    if vectorize:
+        per_param = vmap(gradient, in_dims=(None, 0))(tracked, examples)
+    else:
+        rows = [
+            gradient(tracked, {k: v[i] for k, v in examples.items()})
+            for i in range(batch["input_ids"].shape[0])
+        ]
+        per_param = {k: torch.stack([r[k] for r in rows]) for k in tracked}
+    return {
+        name: from_parameter_gradients(
+            module,
+            per_param[f"{name}.weight"],
+            per_param.get(f"{name}.bias") if has_bias(module) else None,
+        )
+        for name, module in modules.items()
+    }
+
+
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise NonFiniteError(
+            f"{what} is NaN or infinite; check the data and the model's weights "
+            "(a learning rate too high, an fp16 overflow)"
+        )

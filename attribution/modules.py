@@ -1,0 +1,130 @@
+"""Which modules are tracked, and the one gradient layout every strategy uses.
+
+A tracked module is an ``nn.Linear`` or a Hugging Face ``Conv1D`` (GPT-2's projection,
+``y = x W + b`` with ``W`` of shape [in, out]). Whatever the module, its gradient is
+held in one layout, ``[out, in + 1]``: the weight gradient as ``nn.Linear`` stores it,
+with the bias gradient as the last column (the input gets a trailing constant 1); a
+module without a bias has no such column (``[out, in]``). Then the gradient of one
+sequence is Σₜ gₜ aₜᵀ, with aₜ the input (plus the 1) and gₜ the gradient of the loss
+with respect to the module's output at token t.
+
+The default selection is every tracked module inside the repeated transformer blocks
+(a numeric component in its name, such as ``model.layers.3.mlp.up_proj``), which leaves
+out the embeddings and the output head.
+
+>>> import torch
+>>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+>>> sorted(select_modules(net, ["0", "2"]))
+['0', '2']
+>>> sorted(select_modules(net, r"^2$"))
+['2']
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from attribution.errors import ModuleSelectionError
+
+try:  # Hugging Face's GPT-2-style projection
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = ()  # type: ignore[assignment,misc]
+
+TRACKABLE = (nn.Linear, Conv1D)
+BLOCK_PATTERN = re.compile(r"(^|\.)\d+(\.|$)")
+
+ModuleSpec = str | Sequence[str] | type | tuple[type, ...] | None
+
+
+def select_modules(model: nn.Module, modules: ModuleSpec = None) -> dict[str, nn.Module]:
+    """Tracked modules by name.
+
+    ``modules`` is ``None`` (every Linear/Conv1D inside the transformer blocks), a regex
+    (matched with ``re.search`` against module names; only Linear/Conv1D are kept), a list
+    of exact module names, or a module type (or tuple of types).
+    """
+    named = dict(model.named_modules())
+    if modules is None:
+        chosen = {n: m for n, m in named.items() if _trackable(m) and BLOCK_PATTERN.search(n)}
+        what = "Linear/Conv1D modules inside numbered transformer blocks"
+    elif isinstance(modules, str):
+        pattern = _compile(modules)
+        chosen = {n: m for n, m in named.items() if _trackable(m) and pattern.search(n)}
+        what = f"Linear/Conv1D modules matching {modules!r}"
+    elif isinstance(modules, type) or (
+        isinstance(modules, tuple) and all(isinstance(t, type) for t in modules)
+    ):
+        chosen = {n: m for n, m in named.items() if isinstance(m, modules) and n}
+        what = f"modules of type {modules}"
+    else:
+        chosen = {name: _named_module(named, name) for name in modules}
+        what = "the named modules"
+    if not chosen:
+        raise ModuleSelectionError(f"the model has no {what}; choose modules by name or regex")
+    for name, module in chosen.items():
+        if not _trackable(module):
+            raise ModuleSelectionError(
+                f"module {name!r} is a {type(module).__name__}; only nn.Linear and Conv1D "
+                "modules can be tracked"
+            )
+    return chosen
+
+
+def layout_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out, in + 1)`` (``(out, in)`` without a bias): the module's gradient layout."""
+    n_in, n_out = _in_out(module)
+    return n_out, n_in + int(has_bias(module))
+
+
+def has_bias(module: nn.Module) -> bool:
+    return getattr(module, "bias", None) is not None
+
+
+def to_parameter_gradients(module: nn.Module, gradient: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Split ``[..., out, in + 1]`` into the module's own ``weight`` (and ``bias``) layout."""
+    bias = has_bias(module)
+    weight = gradient[..., :-1] if bias else gradient
+    if isinstance(module, Conv1D):
+        weight = weight.transpose(-1, -2)
+    return {"weight": weight, "bias": gradient[..., -1]} if bias else {"weight": weight}
+
+
+def from_parameter_gradients(
+    module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The inverse of :func:`to_parameter_gradients`."""
+    if isinstance(module, Conv1D):
+        weight = weight.transpose(-1, -2)
+    return weight if bias is None else torch.cat([weight, bias.unsqueeze(-1)], dim=-1)
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    n_in, n_out = module.weight.shape  # Conv1D stores [in, out]
+    return n_in, n_out
+
+
+def _trackable(module: nn.Module) -> bool:
+    return isinstance(module, TRACKABLE)
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ModuleSelectionError(f"modules: {pattern!r} is not a valid regex ({err})") from None
+
+
+def _named_module(named: dict[str, nn.Module], name: str) -> nn.Module:
+    if name in named and name:
+        return named[name]
+    close = difflib.get_close_matches(name, [n for n in named if n], n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ModuleSelectionError(f"the model has no module named {name!r}{hint}")
