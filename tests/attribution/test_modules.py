@@ -34,7 +34,9 @@ def test_regex_keeps_only_trackable_modules():
 
 
 def test_unknown_name_suggests_close_ones():
-    with pytest.raises(ModuleSelectionError, match=r"did you mean model\.layers\.0\.self_attn\.q_proj"):
+    with pytest.raises(
+        ModuleSelectionError, match=r"did you mean model\.layers\.0\.self_attn\.q_proj"
+    ):
         select_modules(tiny_llama(), ["model.layers.0.self_attn.q_prj"])
 
 

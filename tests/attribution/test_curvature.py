@@ -1,0 +1,146 @@
+"""Curvature factors against dense float64 references, invariances and a negative control."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attribution import FactorArguments, LanguageModelingTask, fit_factors, select_modules
+from attribution.gradients import per_example_gradients_func
+
+from .models import random_examples, tiny_gpt2, tiny_llama, toy_lm
+
+TASK = LanguageModelingTask(pad_id=0)
+
+
+def fit(model, examples, strategy="ekfac", fisher="empirical", **kwargs):
+    arguments = FactorArguments(strategy=strategy, fisher=fisher, dtype="float64", **kwargs)
+    return fit_factors(model, TASK, examples, arguments)
+
+
+def dense_fisher(model, examples, module):
+    """E_z[vec(G_z) vec(G_z)ᵀ] from torch.func per-example gradients (empirical labels)."""
+    modules = select_modules(model, [module])
+    grads = per_example_gradients_func(model, TASK, TASK.collate(examples), modules)[module]
+    flat = grads.reshape(grads.shape[0], -1)  # row-major vec: index o * n_in + i
+    return flat.T @ flat / flat.shape[0]
+
+
+def dense_approximation(factors, module):
+    """The dense matrix C of a strategy: S ⊗ A (K-FAC) or Q diag(Λ) Qᵀ (EK-FAC)."""
+    t = factors.tensors[module]
+    if factors.arguments.strategy == "diagonal":
+        return torch.diag(t["diagonal"].reshape(-1))
+    q = torch.kron(t["gradient_eigenvectors"], t["activation_eigenvectors"])
+    return q @ torch.diag(factors.eigenvalues(module).reshape(-1)) @ q.T
+
+
+@pytest.mark.parametrize("strategy", ["diagonal", "kfac", "ekfac"])
+@pytest.mark.parametrize("damping", [None, 0.3])
+def test_inverse_product_solves_the_dense_damped_system(strategy, damping):
+    model = toy_lm()
+    factors = fit(model, random_examples(12), strategy)
+    for module in factors.modules:
+        dense = dense_approximation(factors, module)
+        lam = factors.damping(module, damping)
+        vectors = torch.randn(3, *factors.eigenvalues(module).shape, dtype=torch.float64)
+        fast = factors.inverse_product(module, vectors, damping)
+        eye = torch.eye(dense.shape[0], dtype=torch.float64)
+        exact = torch.linalg.solve(dense + lam * eye, vectors.reshape(3, -1).T).T
+        torch.testing.assert_close(fast.reshape(3, -1), exact, rtol=1e-8, atol=1e-10)
+
+
+def test_kfac_dense_is_the_kronecker_product_of_the_covariances():
+    factors = fit(toy_lm(), random_examples(6), "kfac")
+    for module in factors.modules:
+        t = factors.tensors[module]
+        kron = torch.kron(t["gradient_covariance"], t["activation_covariance"])
+        torch.testing.assert_close(dense_approximation(factors, module), kron)
+
+
+class PredictingTokensTask(LanguageModelingTask):
+    """Counts in A only the positions whose prediction is labelled (a valid token mask)."""
+
+    def token_mask(self, batch):
+        mask = torch.zeros_like(batch["labels"], dtype=torch.bool)
+        mask[:, :-1] = batch["labels"][:, 1:] != -100
+        return mask
+
+
+def test_exact_where_the_kronecker_factorization_is_exact():
+    """One sequence with one labelled token: G_z = g aᵀ is rank one and G = S ⊗ A exactly."""
+    model = toy_lm()  # position-wise, so only position 0 gets an output gradient
+    example = [{"input_ids": [4, 9], "labels": [-100, 9]}]
+    for module in ("blocks.0", "blocks.1", "head"):
+        dense = dense_fisher(model, example, module)
+        for strategy in ("kfac", "ekfac"):
+            arguments = FactorArguments(strategy=strategy, fisher="empirical", dtype="float64",
+                                        modules=(module,))
+            factors = fit_factors(model, PredictingTokensTask(pad_id=0), example, arguments)
+            torch.testing.assert_close(dense_approximation(factors, module), dense)
+
+
+@pytest.mark.parametrize("make", [toy_lm, tiny_llama, tiny_gpt2])
+def test_ekfac_fits_the_dense_fisher_at_least_as_well_as_kfac(make):
+    model = make()
+    examples = random_examples(16, seed=2)
+    kfac, ekfac = (fit(model, examples, s) for s in ("kfac", "ekfac"))
+    for module in kfac.modules[:4]:
+        dense = dense_fisher(model, examples, module)
+        err_kfac = torch.linalg.norm(dense - dense_approximation(kfac, module))
+        err_ekfac = torch.linalg.norm(dense - dense_approximation(ekfac, module))
+        assert err_ekfac <= err_kfac * (1 + 1e-9), module
+
+
+def test_diagonal_is_the_diagonal_of_the_dense_fisher():
+    model = toy_lm()
+    examples = random_examples(10)
+    factors = fit(model, examples, "diagonal")
+    for module in factors.modules:
+        expected = torch.diagonal(dense_fisher(model, examples, module))
+        torch.testing.assert_close(factors.tensors[module]["diagonal"].reshape(-1), expected)
+
+
+@pytest.mark.parametrize("strategy", ["diagonal", "kfac", "ekfac"])
+def test_factors_do_not_depend_on_batch_size(strategy):
+    model = tiny_llama()
+    examples = random_examples(10, seed=4)
+    one, three, all_ = (fit(model, examples, strategy, batch_size=b) for b in (1, 3, 10))
+    for module in one.modules:
+        for key, value in one.tensors[module].items():
+            if "eigenvectors" in key:  # defined up to sign: compare the projector instead
+                continue
+            torch.testing.assert_close(three.tensors[module][key], value)
+            torch.testing.assert_close(all_.tensors[module][key], value)
+
+
+def test_damping_heuristic_is_a_tenth_of_the_mean_eigenvalue():
+    factors = fit(toy_lm(), random_examples(8), "ekfac")
+    module = factors.modules[0]
+    assert factors.damping(module) == pytest.approx(0.1 * factors.tensors[module]["lambda"].mean())
+    assert factors.damping(module, 0.5) == 0.5
+
+
+def test_negative_control_shifted_labels_give_other_factors():
+    model = tiny_llama()
+    examples = random_examples(12, seed=5)
+    shifted = [{"input_ids": e["input_ids"], "labels": [-100] + e["labels"][:-1]} for e in examples]
+    right, wrong = fit(model, examples), fit(model, shifted)
+    module = right.modules[0]
+    a, b = right.tensors[module]["lambda"], wrong.tensors[module]["lambda"]
+    assert torch.linalg.norm(a - b) > 0.05 * torch.linalg.norm(a)
+
+
+def test_true_fisher_is_seeded():
+    model = tiny_llama()
+    examples = random_examples(6)
+    first, again, other = (fit(model, examples, fisher="true", seed=s) for s in (0, 0, 1))
+    module = first.modules[0]
+    assert torch.equal(first.tensors[module]["lambda"], again.tensors[module]["lambda"])
+    assert not torch.equal(first.tensors[module]["lambda"], other.tensors[module]["lambda"])
+
+
+def test_identity_leaves_vectors_unchanged():
+    factors = fit(toy_lm(), random_examples(3), "identity")
+    v = torch.randn(2, 6, 6, dtype=torch.float64)
+    assert torch.equal(factors.inverse_product("blocks.0", v), v)
