@@ -22,6 +22,7 @@ The damped inverse product with V of shape [out, in (+1)] is
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -58,6 +59,9 @@ class FactorArguments:
     )
     batch_size: int = field(default=16, metadata={"help": "sequences per forward pass"})
     seed: int = field(default=0, metadata={"help": "seeds the labels sampled for the true Fisher"})
+    partitions: int = field(
+        default=1, metadata={"help": "parts the data is fitted in (each saved; same result)"}
+    )
     dtype: str = field(
         default="float32",  # bf16 covariances break eigenvectors: never below float32
         metadata={"help": "float32 or float64: per-example gradients and accumulation"},
@@ -67,8 +71,10 @@ class FactorArguments:
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("fisher", self.fisher, FISHER_TYPES)
         _check_choice("dtype", self.dtype, tuple(DTYPES))
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise InputError(f"FactorArguments.batch_size must be >= 1, got {self.batch_size!r}")
+        for name in ("batch_size", "partitions"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InputError(f"FactorArguments.{name} must be an integer >= 1, got {value!r}")
         if isinstance(self.modules, list):
             object.__setattr__(self, "modules", tuple(self.modules))
 
@@ -158,13 +164,15 @@ def fit_factors(
 ) -> Factors:
     """Fit the curvature factors of ``arguments.strategy`` on ``examples``.
 
-    With ``folder``, every finished stage is saved there (see
-    :class:`attribution.store.FactorStore`) and stages already saved are loaded instead of
-    refitted; a folder fitted with other arguments or for another model is refused.
+    The data is split into ``arguments.partitions`` contiguous parts; the sums of each
+    part are fitted separately and added, which gives the same factors as one pass. With
+    ``folder``, each finished part and stage is saved there (see
+    :class:`attribution.store.FactorStore`), so a killed run resumes where it stopped,
+    and a folder fitted with other arguments or for another model is refused.
     """
     arguments = arguments or FactorArguments()
     modules = select_modules(model, _module_spec(arguments.modules))
-    if not examples:
+    if len(examples) == 0:
         raise InputError("no examples to fit factors on")
     store = None
     if folder is not None:
@@ -177,61 +185,20 @@ def fit_factors(
         saved = store.load_stage(stage) if store else None
         if saved is None:
             started = time.perf_counter()
-            saved = _run_stage(stage, model, task, examples, arguments, modules, tensors, progress)
+            if stage == "eigendecomposition":
+                saved = eigendecompose(tensors, arguments.torch_dtype)
+            else:
+                eigen = tensors if stage == "lambda" else None
+                sums = _partitioned_sums(
+                    stage, model, task, examples, arguments, modules, eigen, store, progress
+                )
+                saved = _normalize(sums, arguments.torch_dtype)
             seconds[stage] = time.perf_counter() - started
             if store:
                 store.save_stage(stage, saved)
         for name, values in saved.items():
             tensors[name].update(values)
     return Factors(arguments, tensors, seconds)
-
-
-def _run_stage(stage, model, task, examples, arguments, modules, tensors, progress):
-    if stage == "covariance":
-        return fit_covariances(model, task, examples, arguments, modules, progress)
-    if stage == "eigendecomposition":
-        return eigendecompose(tensors, arguments.torch_dtype)
-    rotations = tensors if stage == "lambda" else None
-    return fit_second_moments(model, task, examples, arguments, modules, rotations, progress)
-
-
-def fit_covariances(
-    model: nn.Module,
-    task: Task,
-    examples: Sequence[Any],
-    arguments: FactorArguments,
-    modules: Mapping[str, nn.Module],
-    progress: bool | None = None,
-) -> dict[str, dict[str, torch.Tensor]]:
-    """A = (1/N_tokens) Σ a aᵀ (non-padding tokens) and S = (1/N_sequences) Σ g gᵀ."""
-    dtype = arguments.torch_dtype
-    sums: dict[str, dict[str, torch.Tensor]] = {}
-    n_tokens = dict.fromkeys(modules, 0)
-    n_sequences = 0
-    for batch, records in _passes(
-        model, task, examples, arguments, modules, "covariance", arguments.seed, progress
-    ):
-        mask = task.token_mask(batch)
-        for name, record in records.items():
-            for a, g in zip(record.inputs, record.output_grads, strict=True):
-                a = _masked_tokens(a, mask)
-                g = g.reshape(-1, g.shape[-1])
-                acc = sums.setdefault(
-                    name,
-                    {
-                        "activation_covariance": a.new_zeros(a.shape[1], a.shape[1]),
-                        "gradient_covariance": g.new_zeros(g.shape[1], g.shape[1]),
-                    },
-                )
-                acc["activation_covariance"] += a.T @ a
-                acc["gradient_covariance"] += g.T @ g
-                n_tokens[name] += a.shape[0]
-        n_sequences += batch["input_ids"].shape[0]
-    for name, acc in sums.items():
-        acc["activation_covariance"] /= max(n_tokens[name], 1)
-        acc["gradient_covariance"] /= n_sequences
-        _check_finite_factors(name, acc)
-    return {name: {k: v.to(dtype) for k, v in acc.items()} for name, acc in sums.items()}
 
 
 def eigendecompose(
@@ -248,43 +215,110 @@ def eigendecompose(
     return result
 
 
-def fit_second_moments(
+def _partitioned_sums(stage, model, task, examples, arguments, modules, eigen, store, progress):
+    """The stage's sums over all examples, added up part by part (each part saved)."""
+    total: dict[str, dict[str, torch.Tensor]] = {}
+    for part, (start, stop) in enumerate(_partition_bounds(len(examples), arguments.partitions)):
+        sums = store.load_partial(stage, part) if store else None
+        if sums is None:
+            sums = stage_sums(
+                stage, model, task, examples, arguments, modules, eigen, start, stop, progress
+            )
+            if store:
+                store.save_partial(stage, part, sums)
+        for name, values in sums.items():
+            acc = total.setdefault(name, {})
+            for key, value in values.items():
+                acc[key] = value if key not in acc else acc[key] + value
+    return total
+
+
+def stage_sums(
+    stage: str,
     model: nn.Module,
     task: Task,
     examples: Sequence[Any],
     arguments: FactorArguments,
     modules: Mapping[str, nn.Module],
     eigen: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    start: int = 0,
+    stop: int | None = None,
     progress: bool | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """E_z[(Q_Sᵀ G_z Q_A)²] (EK-FAC's ``lambda``) or, without ``eigen``, E_z[G_z²] (diagonal).
+    """Unnormalized sums of one stage over ``examples[start:stop]``, with their counts.
 
-    The rotation is applied to each token's a and g before they are multiplied, so the
-    per-example gradient is formed directly in the eigenbasis: Q_Sᵀ G_z Q_A =
-    Σₜ (Q_Sᵀ gₜ)(Q_Aᵀ aₜ)ᵀ.
+    ``covariance``: Σ a aᵀ over non-padding tokens (``n_tokens`` of them) and Σ g gᵀ over
+    all tokens; ``lambda``: Σ_z (Q_Sᵀ G_z Q_A)², the rotation applied to each token's a and
+    g before they are multiplied (Q_Sᵀ G_z Q_A = Σₜ (Q_Sᵀ gₜ)(Q_Aᵀ aₜ)ᵀ); ``diagonal``:
+    Σ_z G_z ⊙ G_z. Every stage also counts ``n_sequences``.
     """
-    dtype = arguments.torch_dtype
-    key = "lambda" if eigen is not None else "diagonal"
-    sums: dict[str, torch.Tensor] = {}
-    n_sequences = 0
-    for _, records in _passes(
-        model, task, examples, arguments, modules, key, arguments.seed + 1, progress
+    sums: dict[str, dict[str, torch.Tensor]] = {}
+    stop = len(examples) if stop is None else stop
+    for batch, records in _passes(
+        model, task, examples, arguments, modules, stage, start, stop, progress
     ):
+        n_batch = batch["input_ids"].shape[0]
         for name, record in records.items():
-            total = None
-            for a, g in zip(record.inputs, record.output_grads, strict=True):
-                if eigen is not None:
-                    a = a @ eigen[name]["activation_eigenvectors"].to(dtype)
-                    g = g @ eigen[name]["gradient_eigenvectors"].to(dtype)
-                term = torch.einsum("bto,bti->boi", g, a)
-                total = term if total is None else total + term
-            squared = (total**2).sum(0)
-            sums[name] = squared if name not in sums else sums[name] + squared
-        n_sequences += next(iter(records.values())).inputs[0].shape[0]
-    result = {name: {key: (value / n_sequences).to(dtype)} for name, value in sums.items()}
-    for name, values in result.items():
-        _check_finite_factors(name, values)
+            acc = sums.setdefault(name, {})
+            if stage == "covariance":
+                values = _covariance_terms(record, task.token_mask(batch))
+            else:
+                values = {stage: _squared_gradients(record, eigen[name] if eigen else None)}
+            values["n_sequences"] = torch.tensor(float(n_batch), dtype=torch.float64)
+            for key, value in values.items():
+                acc[key] = value if key not in acc else acc[key] + value
+    return sums
+
+
+def _covariance_terms(record, mask) -> dict[str, torch.Tensor]:
+    terms: dict[str, torch.Tensor] = {}
+    for a, g in zip(record.inputs, record.output_grads, strict=True):
+        a = _masked_tokens(a, mask)
+        g = g.reshape(-1, g.shape[-1])
+        batch_terms = {
+            "activation_covariance": a.T @ a,
+            "gradient_covariance": g.T @ g,
+            "n_tokens": torch.tensor(float(a.shape[0]), dtype=torch.float64),
+        }
+        for key, value in batch_terms.items():
+            terms[key] = value if key not in terms else terms[key] + value
+    return terms
+
+
+def _squared_gradients(record, eigen) -> torch.Tensor:
+    """Σ_z over the batch of (Q_Sᵀ G_z Q_A)² (or G_z² without ``eigen``)."""
+    total = None
+    for a, g in zip(record.inputs, record.output_grads, strict=True):
+        if eigen is not None:
+            a = a @ eigen["activation_eigenvectors"].to(a.dtype)
+            g = g @ eigen["gradient_eigenvectors"].to(g.dtype)
+        term = torch.einsum("bto,bti->boi", g, a)  # per-example gradient, maybe rotated
+        total = term if total is None else total + term
+    return (total**2).sum(0)
+
+
+def _normalize(
+    sums: Mapping[str, Mapping[str, torch.Tensor]], dtype: torch.dtype
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Sums to means: A by tokens, everything else by sequences."""
+    result = {}
+    for name, values in sums.items():
+        n_sequences = values["n_sequences"].item()
+        means = {}
+        for key, value in values.items():
+            if key in ("n_sequences", "n_tokens"):
+                continue
+            count = values["n_tokens"].item() if key == "activation_covariance" else n_sequences
+            means[key] = (value / max(count, 1.0)).to(dtype)
+        _check_finite_factors(name, means)
+        result[name] = means
     return result
+
+
+def _partition_bounds(n: int, partitions: int) -> list[tuple[int, int]]:
+    """``partitions`` contiguous, nearly equal [start, stop) ranges covering ``range(n)``."""
+    edges = [round(i * n / partitions) for i in range(partitions + 1)]
+    return [(a, b) for a, b in itertools.pairwise(edges) if b > a]
 
 
 def _passes(
@@ -294,29 +328,48 @@ def _passes(
     arguments: FactorArguments,
     modules: Mapping[str, nn.Module],
     desc: str,
-    seed: int,
+    start: int,
+    stop: int,
     progress: bool | None,
 ) -> Iterator[tuple[dict[str, torch.Tensor], dict]]:
-    """One forward/backward pass per batch; yields the batch and what the modules saw."""
+    """One forward/backward pass per batch; yields the batch and what the modules saw.
+
+    For the true Fisher, example i's labels are drawn with its own generator, seeded by
+    (``seed``, stage, i): the draws do not depend on batch size or partitioning.
+    """
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
     sample = arguments.fisher == "true"
+    stage_offset = 0 if desc == "covariance" else 1
     was_training = model.training
     model.eval()
     try:
-        starts = range(0, len(examples), arguments.batch_size)
+        starts = range(start, stop, arguments.batch_size)
         bar = tqdm(
             starts, desc=desc, disable=None if progress is None else not progress, leave=False
         )
-        for start in bar:
-            batch = task.collate(examples[start : start + arguments.batch_size])
+        for first in bar:
+            last = min(first + arguments.batch_size, stop)
+            batch = task.collate(examples[first:last])
             batch = {k: v.to(device) for k, v in batch.items()}
+            generators = (
+                [
+                    _example_generator(arguments.seed, stage_offset, i, device)
+                    for i in range(first, last)
+                ]
+                if sample
+                else None
+            )
             with capture(modules, arguments.torch_dtype) as records, torch.enable_grad():
-                loss = task.loss(model, batch, sample=sample, generator=generator)
+                loss = task.loss(model, batch, sample=sample, generator=generators)
                 backward_to_outputs(loss, records, arguments.torch_dtype)
             yield batch, records
     finally:
         model.train(was_training)
+
+
+def _example_generator(seed: int, stage: int, index: int, device) -> torch.Generator:
+    mixed = (seed * 1_000_003 + stage) * 1_000_000_007 + index
+    return torch.Generator(device=device).manual_seed(mixed % (2**63 - 1))
 
 
 def _masked_tokens(a: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch import nn
 
 from attribution.errors import NonFiniteError
 from attribution.modules import from_parameter_gradients, has_bias
-from attribution.task import Task
+from attribution.task import Generators, Task
 
 
 @dataclass
@@ -109,7 +109,7 @@ def per_example_gradients(
     batch: Mapping[str, torch.Tensor],
     modules: Mapping[str, nn.Module],
     sample: bool = False,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Gradient of each example's loss for each tracked module, ``[batch, out, in + 1]``."""

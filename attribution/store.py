@@ -8,10 +8,12 @@ A factor folder holds::
     covariance.safetensors     one file per finished stage, keys "<module>/<quantity>"
     eigendecomposition.safetensors
     lambda.safetensors  (or diagonal.safetensors)
+    lambda.part-3.safetensors  the sums of one part of the data while a stage runs
 
-Each stage is written atomically when it finishes; a later run with the same arguments on
-the same model loads finished stages instead of refitting them. A run with other
-arguments, or on another model, is refused with a message that says which differs.
+Each part and stage is written atomically when it finishes; a later run with the same
+arguments on the same model loads what is finished instead of refitting it (the batch
+size may change: factors do not depend on it). A run with other arguments, or on
+another model, is refused with a message that says which differs.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from attribution.fingerprint import model_fingerprint
 from attribution.modules import layout_shape
 
 KIND = "factors"
+RESULT_INDEPENDENT = ("batch_size",)  # factors are the same for any batch size (tested)
 
 
 class FactorStore:
@@ -90,7 +93,26 @@ class FactorStore:
         return Factors(arguments, tensors)
 
     def load_stage(self, stage: str) -> dict[str, dict[str, torch.Tensor]] | None:
-        path = self.folder / f"{stage}.safetensors"
+        """A finished stage's tensors, or ``None`` when it was never finished."""
+        return self._load(f"{stage}.safetensors")
+
+    def save_stage(self, stage: str, values: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Save a finished stage, then drop the partial sums it was made from."""
+        self._save(f"{stage}.safetensors", values)
+        for partial in self.folder.glob(f"{stage}.part-*.safetensors"):
+            partial.unlink(missing_ok=True)
+
+    def load_partial(self, stage: str, part: int) -> dict[str, dict[str, torch.Tensor]] | None:
+        """The saved sums of one part of the data, or ``None``."""
+        return self._load(f"{stage}.part-{part}.safetensors")
+
+    def save_partial(
+        self, stage: str, part: int, values: dict[str, dict[str, torch.Tensor]]
+    ) -> None:
+        self._save(f"{stage}.part-{part}.safetensors", values)
+
+    def _load(self, filename: str) -> dict[str, dict[str, torch.Tensor]] | None:
+        path = self.folder / filename
         if not path.exists():
             return None
         result: dict[str, dict[str, torch.Tensor]] = {}
@@ -99,17 +121,18 @@ class FactorStore:
             result.setdefault(module, {})[quantity] = tensor
         return result
 
-    def save_stage(self, stage: str, values: dict[str, dict[str, torch.Tensor]]) -> None:
+    def _save(self, filename: str, values: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Write ``values`` as ``<module>/<quantity>`` tensors, atomically."""
         flat = {
             f"{m}/{q}": t.detach().cpu().contiguous()
             for m, qs in values.items()
             for q, t in qs.items()
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{stage}.", suffix=".tmp", dir=self.folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp", dir=self.folder)
         os.close(fd)
         try:
-            save_file(flat, tmp, metadata={"stage": stage})
-            os.replace(tmp, self.folder / f"{stage}.safetensors")
+            save_file(flat, tmp)
+            os.replace(tmp, self.folder / filename)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -140,6 +163,8 @@ def _check_matches(folder: Path, saved: dict[str, Any], wanted: dict[str, Any]) 
             f"{folder}: holds factors fitted for another model; use another folder"
         )
     for key, value in wanted["arguments"].items():
+        if key in RESULT_INDEPENDENT:
+            continue
         if saved.get("arguments", {}).get(key) != value:
             raise FactorMismatchError(
                 f"{folder}: holds factors fitted with {key}={saved['arguments'].get(key)!r}, "

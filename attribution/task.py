@@ -7,7 +7,8 @@ describes the model once (STYLE.md; kronfluence's ``Task``):
 - ``loss(model, batch, sample=False, generator=None)``: the training loss of each
   example, summed over its tokens, shape [batch]. With ``sample=True`` the labels are
   drawn from the model's own predictive distribution (for the true Fisher) instead of
-  taken from the data (the empirical Fisher);
+  taken from the data (the empirical Fisher); ``generator`` is one generator, or one per
+  example (then each example's labels do not depend on how examples are batched);
 - ``measurement(model, batch)``: what a query's influence is measured on, shape [batch];
 - ``token_mask(batch)``: the tokens whose module inputs count in activation statistics
   (``None``: all).
@@ -27,6 +28,8 @@ from torch import nn
 
 from attribution.data import IGNORE_INDEX, collate, encode_record, pad_token_id
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
 
 class Task(Protocol):
     """What every stage needs to know about a model (see the module docstring)."""
@@ -38,7 +41,7 @@ class Task(Protocol):
         model: nn.Module,
         batch: Mapping[str, torch.Tensor],
         sample: bool = False,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> torch.Tensor: ...
 
     def measurement(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
@@ -88,7 +91,7 @@ class LanguageModelingTask:
         model: nn.Module,
         batch: Mapping[str, torch.Tensor],
         sample: bool = False,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> torch.Tensor:
         logits = self._logits(model, batch)
         labels = batch["labels"][:, 1:]
@@ -119,10 +122,21 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_labels(
-    logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
+    logits: torch.Tensor, labels: torch.Tensor, generator: Generators = None
 ) -> torch.Tensor:
-    """Labels drawn from softmax(logits) where ``labels`` has one, ``-100`` elsewhere."""
+    """Labels drawn from softmax(logits) where ``labels`` has one, ``-100`` elsewhere.
+
+    ``generator`` may be a sequence with one generator per example.
+    """
     probs = torch.softmax(logits.detach().float(), dim=-1)
-    drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+    if generator is None or isinstance(generator, torch.Generator):
+        drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+    else:
+        drawn = torch.stack(
+            [
+                torch.multinomial(p, 1, generator=g).squeeze(-1)
+                for p, g in zip(probs, generator, strict=True)
+            ]
+        )
     drawn = drawn.view(labels.shape)
     return torch.where(labels != IGNORE_INDEX, drawn, labels)

@@ -74,8 +74,9 @@ def test_exact_where_the_kronecker_factorization_is_exact():
     for module in ("blocks.0", "blocks.1", "head"):
         dense = dense_fisher(model, example, module)
         for strategy in ("kfac", "ekfac"):
-            arguments = FactorArguments(strategy=strategy, fisher="empirical", dtype="float64",
-                                        modules=(module,))
+            arguments = FactorArguments(
+                strategy=strategy, fisher="empirical", dtype="float64", modules=(module,)
+            )
             factors = fit_factors(model, PredictingTokensTask(pad_id=0), example, arguments)
             torch.testing.assert_close(dense_approximation(factors, module), dense)
 
@@ -124,7 +125,7 @@ def test_damping_heuristic_is_a_tenth_of_the_mean_eigenvalue():
 def test_negative_control_shifted_labels_give_other_factors():
     model = tiny_llama()
     examples = random_examples(12, seed=5)
-    shifted = [{"input_ids": e["input_ids"], "labels": [-100] + e["labels"][:-1]} for e in examples]
+    shifted = [{"input_ids": e["input_ids"], "labels": [-100, *e["labels"][:-1]]} for e in examples]
     right, wrong = fit(model, examples), fit(model, shifted)
     module = right.modules[0]
     a, b = right.tensors[module]["lambda"], wrong.tensors[module]["lambda"]
@@ -144,3 +145,25 @@ def test_identity_leaves_vectors_unchanged():
     factors = fit(toy_lm(), random_examples(3), "identity")
     v = torch.randn(2, 6, 6, dtype=torch.float64)
     assert torch.equal(factors.inverse_product("blocks.0", v), v)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "true"])
+def test_factors_do_not_depend_on_partitioning_or_batching(fisher):
+    model = tiny_gpt2()
+    examples = random_examples(11, seed=6)
+    whole = fit(model, examples, fisher=fisher, batch_size=11)
+    parts = fit(model, examples, fisher=fisher, batch_size=2, partitions=3)
+    for module in whole.modules:
+        for key in ("activation_covariance", "gradient_covariance", "lambda"):
+            torch.testing.assert_close(parts.tensors[module][key], whole.tensors[module][key])
+
+
+def test_bad_arguments_are_named():
+    from attribution import InputError
+
+    with pytest.raises(InputError, match="strategy must be one of"):
+        FactorArguments(strategy="hessian")
+    with pytest.raises(InputError, match="partitions must be an integer >= 1"):
+        FactorArguments(partitions=0)
+    with pytest.raises(InputError, match="dtype must be one of"):
+        FactorArguments(dtype="bfloat16")
