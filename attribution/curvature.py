@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attribution.errors import InputError, NonFiniteError
-from attribution.gradients import backward_to_outputs, capture
+from attribution.gradients import module_io
 from attribution.modules import ModuleSpec, select_modules
 from attribution.task import Task
 
@@ -359,9 +359,15 @@ def _passes(
                 if sample
                 else None
             )
-            with capture(modules, arguments.torch_dtype) as records, torch.enable_grad():
-                loss = task.loss(model, batch, sample=sample, generator=generators)
-                backward_to_outputs(loss, records, arguments.torch_dtype)
+            records = module_io(
+                model,
+                task,
+                batch,
+                modules,
+                sample=sample,
+                generator=generators,
+                dtype=arguments.torch_dtype,
+            )
             yield batch, records
     finally:
         model.train(was_training)

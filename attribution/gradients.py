@@ -103,19 +103,42 @@ def example_gradients(record: ModuleIO) -> torch.Tensor:
     return total
 
 
+def module_io(
+    model: nn.Module,
+    task: Task,
+    batch: Mapping[str, torch.Tensor],
+    modules: Mapping[str, nn.Module],
+    measurement: bool = False,
+    sample: bool = False,
+    generator: Generators = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, ModuleIO]:
+    """One forward and backward pass: each tracked module's inputs a and output grads g.
+
+    The objective is the task's loss (labels sampled when ``sample``) or, with
+    ``measurement``, the task's measurement (what a query's influence is measured on).
+    """
+    with capture(modules, dtype) as records, torch.enable_grad():
+        if measurement:
+            objective = task.measurement(model, batch)
+        else:
+            objective = task.loss(model, batch, sample=sample, generator=generator)
+        backward_to_outputs(objective, records, dtype)
+    return records
+
+
 def per_example_gradients(
     model: nn.Module,
     task: Task,
     batch: Mapping[str, torch.Tensor],
     modules: Mapping[str, nn.Module],
+    measurement: bool = False,
     sample: bool = False,
     generator: Generators = None,
     dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Gradient of each example's loss for each tracked module, ``[batch, out, in + 1]``."""
-    with capture(modules, dtype) as records, torch.enable_grad():
-        loss = task.loss(model, batch, sample=sample, generator=generator)
-        backward_to_outputs(loss, records, dtype)
+    """Gradient of each example's loss (or measurement) per module, ``[batch, out, in + 1]``."""
+    records = module_io(model, task, batch, modules, measurement, sample, generator, dtype)
     grads = {name: example_gradients(record) for name, record in records.items()}
     for name, grad in grads.items():
         _check_finite(grad, f"the gradient of module {name!r}")

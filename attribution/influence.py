@@ -1,0 +1,305 @@
+"""Influence scores: pairwise (queries × training examples), self-influence, top-k.
+
+score(q, z) = ∇ℓ(q)ᵀ (G + λI)⁻¹ ∇ℓ(z), summed over tracked modules; ℓ(q) is the task's
+measurement of the query (the summed NLL of its completion) and ℓ(z) the training loss of
+z. Positive: training on z raises the probability of q's completion (lowers its loss).
+
+The preconditioned query gradients P_q = (G + λI)⁻¹ ∇ℓ(q) are computed once; training
+gradients are streamed batch by batch and never all held in memory. For one module,
+
+    score(q, z) = ⟨P_q, G_z⟩ = Σₜ g_{z,t}ᵀ P_q a_{z,t},
+
+so a score can be formed from the materialized per-example gradient G_z (cheap when the
+module is small next to the sequence) or token by token without forming G_z (cheap when
+P_q has low rank r: Σₜ (U_qᵀ g_t)·(V_qᵀ a_t)); the cheaper form is chosen per module.
+The token form also gives per-token scores, which sum to the total; per-module scores
+sum to the total too. With ``query_rank`` the P_q are replaced by their rank-r SVD
+(Grosse et al. 2023 batch many queries this way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from attribution.curvature import DTYPES, Factors
+from attribution.errors import InputError
+from attribution.gradients import example_gradients, module_io
+from attribution.modules import select_modules
+from attribution.task import Task
+
+
+@dataclass(frozen=True)
+class ScoreArguments:
+    """How scores are computed from factors."""
+
+    damping: float | None = field(
+        default=None, metadata={"help": "absolute λ; None: damping_factor × mean eigenvalue"}
+    )
+    damping_factor: float = field(default=0.1, metadata={"help": "the heuristic's multiplier"})
+    query_rank: int | None = field(
+        default=None, metadata={"help": "rank-r SVD of preconditioned queries; None: exact"}
+    )
+    batch_size: int = field(default=16, metadata={"help": "training sequences per pass"})
+    per_module: bool = field(default=False, metadata={"help": "keep each module's scores"})
+    per_token: bool = field(default=False, metadata={"help": "keep each training token's score"})
+    dtype: str = field(default="float32", metadata={"help": "float32 or float64"})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise InputError(f"ScoreArguments.dtype must be float32 or float64, got {self.dtype!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InputError(f"ScoreArguments.batch_size must be >= 1, got {self.batch_size!r}")
+        if self.query_rank is not None and (
+            not isinstance(self.query_rank, int) or self.query_rank < 1
+        ):
+            raise InputError(f"ScoreArguments.query_rank must be >= 1, got {self.query_rank!r}")
+        if self.damping is not None and not self.damping >= 0:
+            raise InputError(f"ScoreArguments.damping must be >= 0, got {self.damping!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class Scores:
+    """Pairwise scores: ``total`` [n_query, n_train]; optional per-module and per-token.
+
+    ``per_token[q, z, t]`` is the score of token t of training example z (the input
+    position t of the tracked modules); padding positions hold 0.
+    """
+
+    total: torch.Tensor
+    per_module: dict[str, torch.Tensor] | None = None
+    per_token: torch.Tensor | None = None
+
+
+@dataclass
+class QueryGradients:
+    """Preconditioned query gradients per module: dense [n_q, out, in] or rank-r factors."""
+
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    left: dict[str, torch.Tensor] = field(default_factory=dict)  # U·S [n_q, out, r]
+    right: dict[str, torch.Tensor] = field(default_factory=dict)  # V [n_q, in, r]
+    _rebuilt: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_queries(self) -> int:
+        first = next(iter(self.dense.values() or self.left.values()))
+        return first.shape[0]
+
+    def dense_of(self, name: str) -> torch.Tensor:
+        """[n_q, out, in]: the stored matrix, or U·S·Vᵀ rebuilt once from the factors."""
+        if name in self.dense:
+            return self.dense[name]
+        if name not in self._rebuilt:
+            self._rebuilt[name] = torch.einsum("qor,qir->qoi", self.left[name], self.right[name])
+        return self._rebuilt[name]
+
+
+def precondition_queries(
+    model: nn.Module,
+    task: Task,
+    queries: Sequence[Any],
+    factors: Factors,
+    arguments: ScoreArguments | None = None,
+    progress: bool | None = None,
+) -> QueryGradients:
+    """P_q = (G + λI)⁻¹ ∇ℓ(q) for every query and module (optionally rank-r)."""
+    arguments = arguments or ScoreArguments()
+    modules = _factor_modules(model, factors)
+    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    for batch in _batches(model, task, queries, arguments.batch_size, "queries", progress):
+        grads = _gradients(model, task, batch, modules, arguments, measurement=True)
+        for name, grad in grads.items():
+            chunks[name].append(
+                factors.inverse_product(name, grad, arguments.damping, arguments.damping_factor)
+            )
+    result = QueryGradients()
+    for name, parts in chunks.items():
+        dense = torch.cat(parts)
+        if arguments.query_rank is None:
+            result.dense[name] = dense
+        else:
+            result.left[name], result.right[name] = _low_rank(dense, arguments.query_rank)
+    return result
+
+
+def pairwise_scores(
+    model: nn.Module,
+    task: Task,
+    queries: Sequence[Any] | QueryGradients,
+    train: Sequence[Any],
+    factors: Factors,
+    arguments: ScoreArguments | None = None,
+    progress: bool | None = None,
+) -> Scores:
+    """Influence of every training example on every query (see the module docstring)."""
+    arguments = arguments or ScoreArguments()
+    if not isinstance(queries, QueryGradients):
+        queries = precondition_queries(model, task, queries, factors, arguments, progress)
+    modules = _factor_modules(model, factors)
+    totals, per_module, per_token = [], {name: [] for name in modules}, []
+    for batch in _batches(model, task, train, arguments.batch_size, "train", progress):
+        records = module_io(model, task, batch, modules, dtype=arguments.torch_dtype)
+        batch_total, batch_tokens = None, None
+        for name, record in records.items():
+            scores, tokens = _module_scores(record, queries, name, arguments.per_token)
+            per_module[name].append(scores)
+            batch_total = scores if batch_total is None else batch_total + scores
+            if tokens is not None:
+                batch_tokens = tokens if batch_tokens is None else batch_tokens + tokens
+        totals.append(batch_total)
+        if arguments.per_token:
+            per_token.append(batch_tokens)
+    return Scores(
+        total=torch.cat(totals, dim=1),
+        per_module={n: torch.cat(s, dim=1) for n, s in per_module.items()}
+        if arguments.per_module
+        else None,
+        per_token=_cat_padded(per_token) if arguments.per_token else None,
+    )
+
+
+def self_scores(
+    model: nn.Module,
+    task: Task,
+    train: Sequence[Any],
+    factors: Factors,
+    arguments: ScoreArguments | None = None,
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """Self-influence ∇ℓ(z)ᵀ (G + λI)⁻¹ ∇ℓ(z) of every example, computed directly."""
+    arguments = arguments or ScoreArguments()
+    modules = _factor_modules(model, factors)
+    result = []
+    for batch in _batches(model, task, train, arguments.batch_size, "self", progress):
+        grads = _gradients(model, task, batch, modules, arguments, measurement=False)
+        total = None
+        for name, grad in grads.items():
+            pre = factors.inverse_product(name, grad, arguments.damping, arguments.damping_factor)
+            term = (grad * pre).sum(dim=(-2, -1))
+            total = term if total is None else total + term
+        result.append(total)
+    return torch.cat(result)
+
+
+def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the ``k`` strongest proponents (largest) and opponents (smallest) per row.
+
+    >>> top_k(torch.tensor([[0.5, -2.0, 3.0, 0.0]]), 2)
+    (tensor([[2, 0]]), tensor([[1, 3]]))
+    """
+    if not 1 <= k <= scores.shape[1]:
+        raise InputError(
+            f"top-k must be between 1 and the {scores.shape[1]} training examples, got {k}"
+        )
+    proponents = torch.topk(scores, k, dim=1).indices
+    opponents = torch.topk(-scores, k, dim=1).indices
+    return proponents, opponents
+
+
+def _module_scores(record, queries: QueryGradients, name: str, per_token: bool):
+    """Scores [n_q, batch] of one module, and per-token scores [n_q, batch, seq] if asked."""
+    a, g = _single_call(record)
+    n_q, (n_batch, n_tokens, n_out), n_in = queries.n_queries, g.shape, a.shape[-1]
+    low_rank = name not in queries.dense
+    materialize_cost = n_batch * n_tokens * n_out * n_in + n_q * n_batch * n_out * n_in
+    if low_rank:
+        rank = queries.left[name].shape[-1]
+        token_cost = n_q * n_batch * n_tokens * rank * (n_out + n_in)
+    else:
+        token_cost = n_q * n_batch * n_tokens * n_out * (n_in + 1)
+    if per_token or token_cost < materialize_cost:
+        if low_rank:
+            ug = torch.einsum("bto,qor->qbtr", g, queries.left[name].to(g.dtype))
+            va = torch.einsum("bti,qir->qbtr", a, queries.right[name].to(a.dtype))
+            tokens = (ug * va).sum(-1)
+        else:
+            pa = torch.einsum("qoi,bti->qbto", queries.dense_of(name).to(a.dtype), a)
+            tokens = (pa * g).sum(-1)
+        return tokens.sum(-1), tokens if per_token else None
+    dense = queries.dense_of(name).to(a.dtype)
+    return torch.einsum("qoi,boi->qb", dense, example_gradients(record)), None
+
+
+def _single_call(record):
+    """The module's a and g; several calls of one module are joined along the sequence."""
+    a = torch.cat(record.inputs, dim=1)
+    g = torch.cat(record.output_grads, dim=1)
+    return a, g
+
+
+def _low_rank(dense: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r factors (U·S, V) of each matrix of a batch [n, out, in], via SVD in float64."""
+    u, s, vh = torch.linalg.svd(dense.double(), full_matrices=False)
+    r = min(rank, s.shape[-1])
+    left = (u[..., :r] * s[..., None, :r]).to(dense.dtype)
+    right = vh[..., :r, :].transpose(-1, -2).to(dense.dtype)
+    return left, right
+
+
+def _gradients(model, task, batch, modules, arguments, measurement):
+    records = module_io(
+        model, task, batch, modules, measurement=measurement, dtype=arguments.torch_dtype
+    )
+    return {name: example_gradients(record) for name, record in records.items()}
+
+
+def _factor_modules(model: nn.Module, factors: Factors) -> dict[str, nn.Module]:
+    return select_modules(model, factors.modules)
+
+
+def _batches(model, task, examples, batch_size, desc, progress):
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        starts = range(0, len(examples), batch_size)
+        for start in tqdm(
+            starts, desc=desc, disable=None if progress is None else not progress, leave=False
+        ):
+            batch = task.collate(examples[start : start + batch_size])
+            yield {k: v.to(device) for k, v in batch.items()}
+    finally:
+        model.train(was_training)
+
+
+def _cat_padded(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """Join [q, b, t] chunks along b, right-padding t with zeros."""
+    width = max(c.shape[-1] for c in chunks)
+    padded = [torch.nn.functional.pad(c, (0, width - c.shape[-1])) for c in chunks]
+    return torch.cat(padded, dim=1)
+
+
+def check_queries_have_targets(
+    task: Task, queries: Sequence[Any], ids: Sequence[str] | None = None
+) -> None:
+    """Refuse a query with no labelled token left (after truncation): its score would be 0."""
+    for i, query in enumerate(queries):
+        labels = task.collate([query])["labels"]
+        if not (labels[:, 1:] != -100).any():
+            name = ids[i] if ids is not None else i
+            raise InputError(
+                f"query {name!r} has no completion tokens left after tokenization/truncation; "
+                "give it a non-empty completion or raise --max-length"
+            )
+
+
+def as_mapping(scores: Scores) -> Mapping[str, torch.Tensor]:
+    """The tensors of ``scores`` by name, for saving."""
+    tensors = {"scores": scores.total}
+    for name, value in (scores.per_module or {}).items():
+        tensors[f"module/{name}"] = value
+    if scores.per_token is not None:
+        tensors["per_token"] = scores.per_token
+    return tensors

@@ -1,0 +1,155 @@
+"""Influence scores against dense float64 references, decompositions and invariances."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attribution import FactorArguments, InputError, LanguageModelingTask, fit_factors
+from attribution.gradients import per_example_gradients_func
+from attribution.influence import (
+    ScoreArguments,
+    check_queries_have_targets,
+    pairwise_scores,
+    self_scores,
+    top_k,
+)
+from attribution.modules import select_modules
+
+from .models import random_examples, tiny_gpt2, tiny_llama, toy_lm
+from .test_curvature import dense_approximation
+
+TASK = LanguageModelingTask(pad_id=0)
+F64 = ScoreArguments(dtype="float64")
+
+
+def fit(model, examples, strategy="ekfac"):
+    arguments = FactorArguments(strategy=strategy, fisher="empirical", dtype="float64")
+    return fit_factors(model, TASK, examples, arguments)
+
+
+def flat_gradients(model, examples, modules):
+    grads = per_example_gradients_func(model, TASK, TASK.collate(examples), modules)
+    return {name: g.reshape(g.shape[0], -1) for name, g in grads.items()}
+
+
+@pytest.mark.parametrize("strategy", ["identity", "diagonal", "kfac", "ekfac"])
+def test_pairwise_equals_the_dense_formula(strategy):
+    """score(q, z) = Σ_modules ∇ℓ(q)ᵀ (C + λI)⁻¹ ∇ℓ(z), C the strategy's dense matrix."""
+    model = tiny_llama()
+    train, queries = random_examples(9, seed=1), random_examples(4, seed=2)
+    factors = fit(model, train, strategy)
+    scores = pairwise_scores(model, TASK, queries, train, factors, F64).total
+    modules = select_modules(model, factors.modules)
+    gq, gz = flat_gradients(model, queries, modules), flat_gradients(model, train, modules)
+    expected = torch.zeros(4, 9, dtype=torch.float64)
+    for name in modules:
+        if strategy == "identity":
+            expected += gq[name] @ gz[name].T
+            continue
+        dense = dense_approximation(factors, name)
+        damped = dense + factors.damping(name) * torch.eye(dense.shape[0], dtype=dense.dtype)
+        expected += gq[name] @ torch.linalg.solve(damped, gz[name].T)
+    torch.testing.assert_close(scores, expected, rtol=1e-7, atol=1e-9)
+
+
+def test_self_influence_is_the_diagonal_of_pairwise():
+    model = tiny_gpt2()
+    train = random_examples(7, seed=3)
+    factors = fit(model, train)
+    pairwise = pairwise_scores(model, TASK, train, train, factors, F64).total
+    self_ = self_scores(model, TASK, train, factors, F64)
+    torch.testing.assert_close(self_, torch.diagonal(pairwise))
+
+
+@pytest.mark.parametrize("make", [tiny_llama, toy_lm])
+def test_per_module_and_per_token_scores_sum_to_the_total(make):
+    model = make()
+    train, queries = random_examples(6, seed=4), random_examples(3, seed=5)
+    factors = fit(model, train)
+    plain = pairwise_scores(model, TASK, queries, train, factors, F64)
+    detailed = pairwise_scores(
+        model,
+        TASK,
+        queries,
+        train,
+        factors,
+        ScoreArguments(dtype="float64", per_module=True, per_token=True),
+    )
+    torch.testing.assert_close(detailed.total, plain.total)
+    torch.testing.assert_close(sum(detailed.per_module.values()), plain.total)
+    torch.testing.assert_close(detailed.per_token.sum(-1), plain.total)
+    lengths = torch.tensor([len(e["input_ids"]) for e in train])
+    for z, n in enumerate(lengths.tolist()):
+        assert (detailed.per_token[:, z, n:] == 0).all()  # padding carries nothing
+
+
+def test_scores_do_not_depend_on_batch_size():
+    model = tiny_llama()
+    train, queries = random_examples(10, seed=6), random_examples(5, seed=7)
+    factors = fit(model, train)
+    one = pairwise_scores(
+        model, TASK, queries, train, factors, ScoreArguments(dtype="float64", batch_size=1)
+    ).total
+    many = pairwise_scores(
+        model, TASK, queries, train, factors, ScoreArguments(dtype="float64", batch_size=7)
+    ).total
+    torch.testing.assert_close(one, many)
+
+
+def test_full_rank_query_batching_is_exact_and_low_rank_degrades_gracefully():
+    model = tiny_llama()
+    train, queries = random_examples(12, seed=8), random_examples(6, seed=9)
+    factors = fit(model, train)
+    exact = pairwise_scores(model, TASK, queries, train, factors, F64).total
+    full = pairwise_scores(
+        model, TASK, queries, train, factors, ScoreArguments(dtype="float64", query_rank=64)
+    ).total
+    torch.testing.assert_close(full, exact)
+    correlations = []
+    for rank in (1, 2, 4):
+        low = pairwise_scores(
+            model, TASK, queries, train, factors, ScoreArguments(dtype="float64", query_rank=rank)
+        ).total
+        correlations.append(torch.corrcoef(torch.stack([low.flatten(), exact.flatten()]))[0, 1])
+    assert correlations[-1] > 0.9
+    assert correlations[0] <= correlations[-1] + 1e-6
+
+
+def test_ekfac_correlates_with_the_dense_damped_fisher():
+    """Against (F + λI)⁻¹ with F the exact per-module empirical Fisher block, same λ rule.
+
+    Measured (Pearson, 8 queries × 256 train, tiny GPT-2): identity 0.53, diagonal 0.79,
+    K-FAC 0.90, EK-FAC 0.91; tiny Llama: 0.44, 0.77, 0.83, 0.86 (0.70 with 48 train).
+    """
+    model = tiny_gpt2()
+    train, queries = random_examples(256, seed=10), random_examples(8, seed=11)
+    modules = select_modules(model)
+    gq, gz = flat_gradients(model, queries, modules), flat_gradients(model, train, modules)
+    exact = torch.zeros(8, 256, dtype=torch.float64)
+    for name in modules:
+        fisher = gz[name].T @ gz[name] / gz[name].shape[0]
+        lam = 0.1 * torch.linalg.eigvalsh(fisher).mean()  # = 0.1 × mean(Λ): EK-FAC keeps the trace
+        damped = fisher + lam * torch.eye(fisher.shape[0], dtype=fisher.dtype)
+        exact += gq[name] @ torch.linalg.solve(damped, gz[name].T)
+
+    def correlation(strategy):
+        scores = pairwise_scores(model, TASK, queries, train, fit(model, train, strategy), F64)
+        return torch.corrcoef(torch.stack([scores.total.flatten(), exact.flatten()]))[0, 1]
+
+    ekfac, kfac, identity = correlation("ekfac"), correlation("kfac"), correlation("identity")
+    assert ekfac > 0.85, ekfac
+    assert ekfac >= kfac - 0.01 and ekfac > identity + 0.2, (ekfac, kfac, identity)
+
+
+def test_top_k_checks_k():
+    scores = torch.tensor([[1.0, 3.0, 2.0]])
+    assert top_k(scores, 1)[0].tolist() == [[1]]
+    with pytest.raises(InputError, match="between 1 and the 3 training examples"):
+        top_k(scores, 4)
+
+
+def test_a_query_without_completion_tokens_is_refused():
+    queries = [{"input_ids": [4, 5, 6], "labels": [-100, -100, -100]}]
+    with pytest.raises(InputError, match="no completion tokens"):
+        check_queries_have_targets(TASK, queries, ["q0"])
