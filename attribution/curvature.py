@@ -178,11 +178,11 @@ def fit_factors(
     if folder is not None:
         from attribution.store import FactorStore
 
-        store = FactorStore.open(folder, arguments, model, list(modules))
+        store = FactorStore.open_for(folder, arguments, model, list(modules))
     tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
     seconds: dict[str, float] = {}
     for stage in STAGES[arguments.strategy]:
-        saved = store.load_stage(stage) if store else None
+        saved = store.load_nested(stage) if store else None
         if saved is None:
             started = time.perf_counter()
             if stage == "eigendecomposition":
@@ -195,7 +195,8 @@ def fit_factors(
                 saved = _normalize(sums, arguments.torch_dtype)
             seconds[stage] = time.perf_counter() - started
             if store:
-                store.save_stage(stage, saved)
+                store.save_nested(stage, saved)
+                store.drop_parts(stage)
         for name, values in saved.items():
             tensors[name].update(values)
     return Factors(arguments, tensors, seconds)
@@ -218,14 +219,14 @@ def eigendecompose(
 def _partitioned_sums(stage, model, task, examples, arguments, modules, eigen, store, progress):
     """The stage's sums over all examples, added up part by part (each part saved)."""
     total: dict[str, dict[str, torch.Tensor]] = {}
-    for part, (start, stop) in enumerate(_partition_bounds(len(examples), arguments.partitions)):
-        sums = store.load_partial(stage, part) if store else None
+    for part, (start, stop) in enumerate(partition_bounds(len(examples), arguments.partitions)):
+        sums = store.load_nested(f"{stage}.part-{part}") if store else None
         if sums is None:
             sums = stage_sums(
                 stage, model, task, examples, arguments, modules, eigen, start, stop, progress
             )
             if store:
-                store.save_partial(stage, part, sums)
+                store.save_nested(f"{stage}.part-{part}", sums)
         for name, values in sums.items():
             acc = total.setdefault(name, {})
             for key, value in values.items():
@@ -315,7 +316,7 @@ def _normalize(
     return result
 
 
-def _partition_bounds(n: int, partitions: int) -> list[tuple[int, int]]:
+def partition_bounds(n: int, partitions: int) -> list[tuple[int, int]]:
     """``partitions`` contiguous, nearly equal [start, stop) ranges covering ``range(n)``."""
     edges = [round(i * n / partitions) for i in range(partitions + 1)]
     return [(a, b) for a, b in itertools.pairwise(edges) if b > a]

@@ -19,6 +19,8 @@ sum to the total too. With ``query_rank`` the P_q are replaced by their rank-r S
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -27,10 +29,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from attribution.curvature import DTYPES, Factors
+from attribution.artifacts import package_version
+from attribution.curvature import DTYPES, Factors, partition_bounds
 from attribution.errors import InputError
+from attribution.fingerprint import model_fingerprint
 from attribution.gradients import example_gradients, module_io
 from attribution.modules import select_modules
+from attribution.store import TensorStore
 from attribution.task import Task
 
 
@@ -46,6 +51,9 @@ class ScoreArguments:
         default=None, metadata={"help": "rank-r SVD of preconditioned queries; None: exact"}
     )
     batch_size: int = field(default=16, metadata={"help": "training sequences per pass"})
+    partitions: int = field(
+        default=1, metadata={"help": "parts of the training set, each saved when done"}
+    )
     per_module: bool = field(default=False, metadata={"help": "keep each module's scores"})
     per_token: bool = field(default=False, metadata={"help": "keep each training token's score"})
     dtype: str = field(default="float32", metadata={"help": "float32 or float64"})
@@ -53,8 +61,10 @@ class ScoreArguments:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise InputError(f"ScoreArguments.dtype must be float32 or float64, got {self.dtype!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise InputError(f"ScoreArguments.batch_size must be >= 1, got {self.batch_size!r}")
+        for name in ("batch_size", "partitions"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InputError(f"ScoreArguments.{name} must be an integer >= 1, got {value!r}")
         if self.query_rank is not None and (
             not isinstance(self.query_rank, int) or self.query_rank < 1
         ):
@@ -168,6 +178,93 @@ def pairwise_scores(
         else None,
         per_token=_cat_padded(per_token) if arguments.per_token else None,
     )
+
+
+def stored_pairwise_scores(
+    model: nn.Module,
+    task: Task,
+    queries: Sequence[Any],
+    train: Sequence[Any],
+    factors: Factors,
+    folder: Any,
+    arguments: ScoreArguments | None = None,
+    ids: Mapping[str, Sequence[str]] | None = None,
+    progress: bool | None = None,
+) -> Scores:
+    """:func:`pairwise_scores` saved in a score folder, resumable part by part.
+
+    The training set is split into ``arguments.partitions`` parts; each part's columns are
+    saved when done, and a rerun with the same description skips finished parts. The
+    result is ``pairwise.safetensors`` (``scores`` [n_query, n_train], ``module/<name>``,
+    ``per_token``), with ``ids`` (e.g. ``{"query_ids": [...], "train_ids": [...]}``) as
+    JSON strings in its metadata.
+    """
+    arguments = arguments or ScoreArguments()
+    store = ScoreStore.open(folder, _score_description(model, queries, train, factors, arguments))
+    done = store.load("pairwise")
+    if done is not None:
+        return _from_tensors(done)
+    prepared = None
+    parts = []
+    for part, (start, stop) in enumerate(partition_bounds(len(train), arguments.partitions)):
+        tensors = store.load(f"pairwise.part-{part}")
+        if tensors is None:
+            if prepared is None:
+                prepared = precondition_queries(model, task, queries, factors, arguments, progress)
+            scores = pairwise_scores(
+                model, task, prepared, train[start:stop], factors, arguments, progress
+            )
+            tensors = dict(as_mapping(scores))
+            store.save(f"pairwise.part-{part}", tensors)
+        parts.append(_from_tensors(tensors))
+    scores = _join(parts)
+    metadata = {key: json.dumps(list(value)) for key, value in (ids or {}).items()}
+    store.save("pairwise", dict(as_mapping(scores)), metadata)
+    store.drop_parts("pairwise")
+    return scores
+
+
+class ScoreStore(TensorStore):
+    """Influence scores of one model, one factor fit, one query set and one train set."""
+
+    kind = "scores"
+
+
+def _score_description(model, queries, train, factors, arguments) -> dict[str, Any]:
+    return {
+        "arguments": arguments.to_dict(),
+        "factor_arguments": factors.arguments.to_dict(),
+        "modules": factors.modules,
+        "model_fingerprint": model_fingerprint(model),
+        "queries_sha256": _examples_hash(queries),
+        "train_sha256": _examples_hash(train),
+        "excise_version": package_version(),
+    }
+
+
+def _examples_hash(examples: Sequence[Any]) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps(example, sort_keys=True, default=str).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def _from_tensors(tensors: Mapping[str, torch.Tensor]) -> Scores:
+    modules = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("module/")}
+    return Scores(tensors["scores"], modules or None, tensors.get("per_token"))
+
+
+def _join(parts: list[Scores]) -> Scores:
+    """Scores of consecutive parts of the training set, joined along the train axis."""
+    first = parts[0]
+    per_module = None
+    if first.per_module is not None:
+        per_module = {
+            n: torch.cat([p.per_module[n] for p in parts], dim=1) for n in first.per_module
+        }
+    per_token = _cat_padded([p.per_token for p in parts]) if first.per_token is not None else None
+    return Scores(torch.cat([p.total for p in parts], dim=1), per_module, per_token)
 
 
 def self_scores(

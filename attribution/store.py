@@ -1,19 +1,20 @@
-"""The factor store: fitted curvature on disk, safe to resume and impossible to misuse.
+"""Stores of tensors on disk: safe to resume, impossible to mix with another run.
 
-A factor folder holds::
+A store folder holds::
 
-    .excise.json               {"kind": "factors", ...}
-    arguments.json             the FactorArguments, tracked modules and their shapes,
-                               the model's fingerprint and the excise version
-    covariance.safetensors     one file per finished stage, keys "<module>/<quantity>"
-    eigendecomposition.safetensors
-    lambda.safetensors  (or diagonal.safetensors)
-    lambda.part-3.safetensors  the sums of one part of the data while a stage runs
+    .excise.json               {"kind": "factors" | "scores", ...}
+    arguments.json             what made it: arguments, the model's fingerprint, the
+                               excise version and (scores) hashes of the data
+    <name>.safetensors         one file per finished stage or result
+    <name>.part-3.safetensors  the result of one part of the data while a stage runs
 
-Each part and stage is written atomically when it finishes; a later run with the same
-arguments on the same model loads what is finished instead of refitting it (the batch
-size may change: factors do not depend on it). A run with other arguments, or on
-another model, is refused with a message that says which differs.
+Each file is written atomically when its work finishes; a later run with the same
+description loads what is finished instead of computing it again (the batch size may
+change: results do not depend on it). A run with other arguments, another model or other
+data is refused with a message that says which differs.
+
+Factor folders (:class:`FactorStore`) keep ``covariance``, ``eigendecomposition`` and
+``lambda`` (or ``diagonal``), with keys ``"<module>/<quantity>"``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from attribution.artifacts import (
@@ -39,33 +41,95 @@ from attribution.errors import FactorMismatchError, InputError
 from attribution.fingerprint import model_fingerprint
 from attribution.modules import layout_shape
 
-KIND = "factors"
-RESULT_INDEPENDENT = ("batch_size",)  # factors are the same for any batch size (tested)
+RESULT_INDEPENDENT = ("batch_size",)  # results are the same for any batch size (tested)
 
 
-class FactorStore:
-    """A factor folder bound to one set of arguments and one model."""
+class TensorStore:
+    """A folder of safetensors files bound to one description (see the module docstring)."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    kind = "tensors"
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
 
     @classmethod
-    def open(
-        cls, folder: str | Path, arguments: Any, model: nn.Module, modules: list[str]
-    ) -> FactorStore:
-        """Create the folder, or check that an existing one matches this run."""
+    def open(cls, folder: str | Path, description: dict[str, Any]):
+        """Create the folder, or check that an existing one was made by the same run."""
         folder = Path(folder)
-        description = describe(arguments, model, modules)
-        if artifact_kind(folder) == KIND:
-            _check_matches(folder, _read_arguments(folder), description)
+        if artifact_kind(folder) == cls.kind:
+            _check_matches(folder, read_description(folder), description)
         else:
-            check_output_folder(folder, KIND)
-            with atomic_directory(folder, KIND) as tmp:
+            check_output_folder(folder, cls.kind)
+            with atomic_directory(folder, cls.kind) as tmp:
                 write_json(tmp / "arguments.json", description)
         return cls(folder)
 
+    def load(self, name: str) -> dict[str, torch.Tensor] | None:
+        """The tensors saved under ``name``, or ``None`` when that work never finished."""
+        path = self.folder / f"{name}.safetensors"
+        if not path.exists():
+            return None
+        with safe_open(path, "pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+
+    def metadata(self, name: str) -> dict[str, str]:
+        with safe_open(self.folder / f"{name}.safetensors", "pt") as handle:
+            return handle.metadata() or {}
+
+    def save(
+        self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    ) -> None:
+        """Write ``tensors`` atomically as ``<name>.safetensors``."""
+        flat = {key: t.detach().cpu().contiguous() for key, t in tensors.items()}
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.folder)
+        os.close(fd)
+        try:
+            save_file(flat, tmp, metadata=metadata)
+            os.replace(tmp, self.folder / f"{name}.safetensors")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def drop_parts(self, name: str) -> None:
+        """Remove the partial results of ``name`` once the whole is saved."""
+        for partial in self.folder.glob(f"{name}.part-*.safetensors"):
+            partial.unlink(missing_ok=True)
+
+
+class FactorStore(TensorStore):
+    """Curvature factors of one model and one set of :class:`FactorArguments`."""
+
+    kind = "factors"
+
     @classmethod
-    def load(cls, folder: str | Path, model: nn.Module | None = None):
+    def open_for(
+        cls, folder: str | Path, arguments: Any, model: nn.Module, modules: list[str]
+    ) -> FactorStore:
+        named = dict(model.named_modules())
+        description = {
+            "arguments": arguments.to_dict(),
+            "modules": modules,
+            "module_shapes": {name: list(layout_shape(named[name])) for name in modules},
+            "model_fingerprint": model_fingerprint(model),
+            "excise_version": package_version(),
+        }
+        return cls.open(folder, description)
+
+    def load_nested(self, name: str) -> dict[str, dict[str, torch.Tensor]] | None:
+        flat = self.load(name)
+        if flat is None:
+            return None
+        nested: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in flat.items():
+            module, quantity = key.rsplit("/", 1)
+            nested.setdefault(module, {})[quantity] = tensor
+        return nested
+
+    def save_nested(self, name: str, values: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.save(name, {f"{m}/{q}": t for m, qs in values.items() for q, t in qs.items()})
+
+    @classmethod
+    def load_factors(cls, folder: str | Path, model: nn.Module | None = None):
         """The :class:`~attribution.curvature.Factors` saved in ``folder``.
 
         With ``model``, refuse factors fitted for another model.
@@ -73,10 +137,10 @@ class FactorStore:
         from attribution.curvature import STAGES, FactorArguments, Factors
 
         folder = Path(folder)
-        if artifact_kind(folder) != KIND:
+        if artifact_kind(folder) != cls.kind:
             raise InputError(f"{folder}: not an excise factor folder")
-        saved = _read_arguments(folder)
-        if model is not None and saved["model_fingerprint"] != model_fingerprint(model):
+        saved = read_description(folder)
+        if model is not None and saved.get("model_fingerprint") != model_fingerprint(model):
             raise FactorMismatchError(
                 f"{folder}: the factors were fitted for another model (fingerprints differ); "
                 "fit factors for this model"
@@ -85,90 +149,33 @@ class FactorStore:
         store = cls(folder)
         tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in saved["modules"]}
         for stage in STAGES[arguments.strategy]:
-            values = store.load_stage(stage)
+            values = store.load_nested(stage)
             if values is None:
                 raise InputError(f"{folder}: stage {stage!r} was never finished; fit again")
             for name, quantities in values.items():
                 tensors[name].update(quantities)
         return Factors(arguments, tensors)
 
-    def load_stage(self, stage: str) -> dict[str, dict[str, torch.Tensor]] | None:
-        """A finished stage's tensors, or ``None`` when it was never finished."""
-        return self._load(f"{stage}.safetensors")
 
-    def save_stage(self, stage: str, values: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Save a finished stage, then drop the partial sums it was made from."""
-        self._save(f"{stage}.safetensors", values)
-        for partial in self.folder.glob(f"{stage}.part-*.safetensors"):
-            partial.unlink(missing_ok=True)
-
-    def load_partial(self, stage: str, part: int) -> dict[str, dict[str, torch.Tensor]] | None:
-        """The saved sums of one part of the data, or ``None``."""
-        return self._load(f"{stage}.part-{part}.safetensors")
-
-    def save_partial(
-        self, stage: str, part: int, values: dict[str, dict[str, torch.Tensor]]
-    ) -> None:
-        self._save(f"{stage}.part-{part}.safetensors", values)
-
-    def _load(self, filename: str) -> dict[str, dict[str, torch.Tensor]] | None:
-        path = self.folder / filename
-        if not path.exists():
-            return None
-        result: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in load_file(path).items():
-            module, quantity = key.rsplit("/", 1)
-            result.setdefault(module, {})[quantity] = tensor
-        return result
-
-    def _save(self, filename: str, values: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Write ``values`` as ``<module>/<quantity>`` tensors, atomically."""
-        flat = {
-            f"{m}/{q}": t.detach().cpu().contiguous()
-            for m, qs in values.items()
-            for q, t in qs.items()
-        }
-        fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp", dir=self.folder)
-        os.close(fd)
-        try:
-            save_file(flat, tmp)
-            os.replace(tmp, self.folder / filename)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-
-def describe(arguments: Any, model: nn.Module, modules: list[str]) -> dict[str, Any]:
-    """What a factor folder records about the run that made it."""
-    named = dict(model.named_modules())
-    return {
-        "arguments": arguments.to_dict(),
-        "modules": modules,
-        "module_shapes": {name: list(layout_shape(named[name])) for name in modules},
-        "model_fingerprint": model_fingerprint(model),
-        "excise_version": package_version(),
-    }
-
-
-def _read_arguments(folder: Path) -> dict[str, Any]:
+def read_description(folder: Path) -> dict[str, Any]:
     try:
-        return json.loads((folder / "arguments.json").read_text(encoding="utf-8"))
+        return json.loads((Path(folder) / "arguments.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise InputError(f"{folder}: unreadable arguments.json ({err})") from None
 
 
 def _check_matches(folder: Path, saved: dict[str, Any], wanted: dict[str, Any]) -> None:
-    if saved.get("model_fingerprint") != wanted["model_fingerprint"]:
-        raise FactorMismatchError(
-            f"{folder}: holds factors fitted for another model; use another folder"
-        )
-    for key, value in wanted["arguments"].items():
-        if key in RESULT_INDEPENDENT:
-            continue
-        if saved.get("arguments", {}).get(key) != value:
+    if saved.get("model_fingerprint") != wanted.get("model_fingerprint"):
+        raise FactorMismatchError(f"{folder}: holds results for another model; use another folder")
+    saved_arguments = saved.get("arguments", {})
+    for key, value in wanted.get("arguments", {}).items():
+        if key not in RESULT_INDEPENDENT and saved_arguments.get(key) != value:
             raise FactorMismatchError(
-                f"{folder}: holds factors fitted with {key}={saved['arguments'].get(key)!r}, "
+                f"{folder}: holds results made with {key}={saved_arguments.get(key)!r}, "
                 f"this run asks {key}={value!r}; use another folder or the same arguments"
             )
-    if saved.get("modules") != wanted["modules"]:
-        raise FactorMismatchError(f"{folder}: holds factors for other modules; use another folder")
+    for key, value in wanted.items():
+        if key not in ("arguments", "excise_version") and saved.get(key) != value:
+            raise FactorMismatchError(
+                f"{folder}: holds results for other {key}; use another folder"
+            )

@@ -153,3 +153,44 @@ def test_a_query_without_completion_tokens_is_refused():
     queries = [{"input_ids": [4, 5, 6], "labels": [-100, -100, -100]}]
     with pytest.raises(InputError, match="no completion tokens"):
         check_queries_have_targets(TASK, queries, ["q0"])
+
+
+def test_stored_scores_resume_by_partition_and_refuse_other_data(tmp_path, monkeypatch):
+    import attribution.influence as influence
+    from attribution import FactorMismatchError
+    from attribution.influence import ScoreStore, stored_pairwise_scores
+
+    model = tiny_llama()
+    train, queries = random_examples(9, seed=12), random_examples(3, seed=13)
+    factors = fit(model, train)
+    arguments = ScoreArguments(dtype="float64", partitions=3, per_module=True)
+    expected = pairwise_scores(model, TASK, queries, train, factors, arguments)
+    real, calls, alive = influence.pairwise_scores, [], [False]
+
+    def dies_on_the_second_part(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 and not alive[0]:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(influence, "pairwise_scores", dies_on_the_second_part)
+    with pytest.raises(RuntimeError, match="killed"):
+        stored_pairwise_scores(model, TASK, queries, train, factors, tmp_path / "s", arguments)
+    assert (tmp_path / "s" / "pairwise.part-0.safetensors").exists()
+    calls.clear()
+    alive[0] = True
+    ids = {"query_ids": ["a", "b", "c"], "train_ids": [str(i) for i in range(9)]}
+    scores = stored_pairwise_scores(
+        model, TASK, queries, train, factors, tmp_path / "s", arguments, ids=ids
+    )
+    assert len(calls) == 2  # parts 1 and 2 only
+    torch.testing.assert_close(scores.total, expected.total)
+    torch.testing.assert_close(scores.per_module, expected.per_module)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
+        ".excise.json",
+        "arguments.json",
+        "pairwise.safetensors",
+    ]
+    assert ScoreStore(tmp_path / "s").metadata("pairwise")["query_ids"] == '["a", "b", "c"]'
+    with pytest.raises(FactorMismatchError, match="other train_sha256"):
+        stored_pairwise_scores(model, TASK, queries, train[:5], factors, tmp_path / "s", arguments)
