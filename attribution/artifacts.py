@@ -98,12 +98,17 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode
+        give_usual_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def give_usual_mode(path: str | Path) -> None:
+    """Make a file made by ``mkstemp`` (private) readable as files usually are."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def _umask() -> int:

@@ -34,6 +34,7 @@ from attribution.artifacts import (
     artifact_kind,
     atomic_directory,
     check_output_folder,
+    give_usual_mode,
     package_version,
     write_json,
 )
@@ -85,6 +86,7 @@ class TensorStore:
         os.close(fd)
         try:
             save_file(flat, tmp, metadata=metadata)
+            give_usual_mode(tmp)
             os.replace(tmp, self.folder / f"{name}.safetensors")
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -21,7 +21,6 @@ from excise.errors import BadInputError
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 LIBRARY_LOGGERS = ("excise", "attribution", "unlearn", "analysis")
 PLANNED = {  # commands whose issues have not landed yet
-    "attribute": "factors + influence scores + top-k proponents/opponents per query",
     "unlearn": "scope selection + unlearning; writes a new model folder + manifest",
     "audit": "compare a model before/after: forget efficacy, utility, shift, MIA, robustness",
     "forget": "the main job, end to end: attribute -> scope -> unlearn -> audit",
@@ -69,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--out", help="folder to build into (default: the cache, $EXCISE_HOME)")
     world.set_defaults(handler=_run_world)
 
+    attr = commands.add_parser(
+        "attribute",
+        parents=[common],
+        help="factors + influence scores + top-k proponents/opponents per query",
+    )
+    _add_attribute_arguments(attr)
+    attr.set_defaults(handler=_run_attribute)
+
     for name, summary in PLANNED.items():
         planned = commands.add_parser(name, parents=[common], help=f"{summary} (not built yet)")
         planned.set_defaults(handler=_not_built(name))
@@ -84,6 +91,60 @@ def _run_world(args: argparse.Namespace) -> int:
         verb = "built" if built else "reused"
         print(f"excise world: {verb} the {args.size} world", file=sys.stderr)
     print(folder)
+    return EXIT_OK
+
+
+def _add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="local Hugging Face causal-LM folder")
+    parser.add_argument("--train", required=True, help="training examples (JSONL/CSV/Parquet/...)")
+    parser.add_argument("--query", required=True, help="query examples whose behaviour to explain")
+    parser.add_argument("--out", required=True, help="output folder (created; reused on rerun)")
+    parser.add_argument(
+        "--strategy", default="ekfac", choices=("identity", "diagonal", "kfac", "ekfac")
+    )
+    parser.add_argument("--fisher", default="true", choices=("true", "empirical"))
+    parser.add_argument(
+        "--damping", type=float, help="absolute damping (default 0.1 × mean eigenvalue)"
+    )
+    parser.add_argument(
+        "--modules",
+        nargs="+",
+        help="module names, or one regex (default: every Linear/Conv1D in the blocks)",
+    )
+    parser.add_argument("--factors", help="reuse factors fitted before (a factors folder)")
+    parser.add_argument("--per-token", action="store_true", help="also save per-token scores")
+    parser.add_argument("--per-module", action="store_true", help="also save per-module scores")
+    parser.add_argument(
+        "--self",
+        dest="self_influence",
+        action="store_true",
+        help="also save self-influence of the training set",
+    )
+    parser.add_argument("--top-k", type=int, help="proponents and opponents per query (default 5)")
+    parser.add_argument("--query-rank", type=int, help="rank-r approximation of query gradients")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="sequences per pass (default 16)"
+    )
+    parser.add_argument("--max-length", type=int, help="truncate sequences to this many tokens")
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ..."
+    )
+
+
+def _run_attribute(args: argparse.Namespace) -> int:
+    from excise import attribute
+
+    result = attribute.run(args)
+    if not args.quiet:
+        print(
+            f"excise attribute: {result['queries']} queries x {result['train']} training "
+            "examples; strongest proponent of each query:",
+            file=sys.stderr,
+        )
+        for row in result["rows"][:10]:
+            best = row["proponents"][0]
+            print(f"  {row['query_id']}: {best['id']} ({best['score']:.4g})", file=sys.stderr)
+    print(result["out"])
     return EXIT_OK
 
 

@@ -8,6 +8,8 @@ Weights are read from safetensors, or from PyTorch ``.bin`` files with
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +61,29 @@ def load_model(
     except Exception as err:  # transformers raises many types for unreadable tokenizers
         raise BadInputError(f"{path}: cannot load the tokenizer ({_first_line(err)})") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **options)
+        with no_transformers_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype or torch.float32, **options
+            )
     except Exception as err:  # and for unreadable configs or weights
         raise BadInputError(f"{path}: cannot load the model ({_first_line(err)})") from None
     check_tokenizer_fits(model, tokenizer, path)
     model.eval()
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def no_transformers_progress_bars() -> Iterator[None]:
+    """Hide transformers' own progress bars (loading, saving); ours tell the story."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def check_tokenizer_fits(model: Any, tokenizer: Any, where: str | Path = "model") -> None:

@@ -17,10 +17,9 @@ person's biography. Both models start from the same initial weights.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from attribution.artifacts import (
 )
 from excise.errors import BadInputError
 from excise.home import excise_home
+from excise.models import no_transformers_progress_bars
 from excise.world.settings import FORMAT_VERSION, WorldSettings
 
 SPLITS = ("forget", "retain", "neighbor", "world", "holdout")
@@ -121,7 +121,7 @@ def _build_into(folder: Path, settings: WorldSettings, progress: bool | None) ->
             desc=f"training {name}",
             progress=progress,
         )
-        with _no_transformers_progress_bars():
+        with no_transformers_progress_bars():
             model.save_pretrained(folder / name)
             tokenizer.save_pretrained(folder / name)
         summary["models"][name] = {
@@ -165,20 +165,6 @@ def _exact_rates(model, tokenizer, splits) -> dict[str, dict[str, float]]:
             "reworded_question": round(reworded.item(), 4),
         }
     return rates
-
-
-@contextlib.contextmanager
-def _no_transformers_progress_bars() -> Iterator[None]:
-    """Hide transformers' own bars while saving (ours already tell the story)."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _all_texts(splits: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:

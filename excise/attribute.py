@@ -1,0 +1,189 @@
+"""``excise attribute``: factors, influence scores and top-k proponents per query.
+
+Reads the user's files, fits (or reuses) factors, scores every training example against
+every query and writes::
+
+    OUT/factors/                      the factor store (reused by a rerun)
+    OUT/scores/pairwise.safetensors   "scores" [n_query, n_train] (+ per module/token),
+                                      ids in its metadata
+    OUT/scores/self.safetensors       with --self: "scores" [n_train]
+    OUT/topk.jsonl                    per query: its strongest proponents and opponents
+    OUT/summary.md                    the same, for people
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import torch
+
+from attribution import FactorArguments, LanguageModelingTask, fit_factors, select_modules
+from attribution.artifacts import atomic_directory, check_output_folder, write_bytes
+from attribution.influence import (
+    ScoreArguments,
+    ScoreStore,
+    check_queries_have_targets,
+    self_scores,
+    stored_pairwise_scores,
+    top_k,
+)
+from attribution.store import FactorStore
+from excise.errors import BadInputError
+from excise.models import load_model
+from excise.records import read_records
+
+KIND = "attribution"
+TEXT_PREVIEW = 160
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate everything, then compute and write; returns a small summary for the CLI."""
+    train, queries = read_records(args.train), read_records(args.query)
+    model, tokenizer = load_model(args.model)
+    out = check_output_folder(args.out, KIND)
+    model.to(choose_device(args.device))
+    factor_arguments = _factor_arguments(args, model)
+    task = LanguageModelingTask(tokenizer, max_length=args.max_length)
+    check_queries_have_targets(task, queries, [q["id"] for q in queries])
+    k = _top_k_count(args.top_k, len(train))
+    factors = FactorStore.load_factors(args.factors, model) if args.factors else None
+    progress = False if args.quiet else None
+    if not (out / ".excise.json").exists():
+        with atomic_directory(out, KIND):
+            pass
+    if factors is None:
+        factors = fit_factors(model, task, train, factor_arguments, out / "factors", progress)
+    score_arguments = ScoreArguments(
+        damping=args.damping,
+        batch_size=args.batch_size,
+        per_module=args.per_module,
+        per_token=args.per_token,
+        query_rank=args.query_rank,
+    )
+    ids = {"query_ids": [q["id"] for q in queries], "train_ids": [z["id"] for z in train]}
+    scores = stored_pairwise_scores(
+        model,
+        task,
+        queries,
+        train,
+        factors,
+        out / "scores",
+        score_arguments,
+        ids=ids,
+        progress=progress,
+    )
+    if args.self_influence:
+        values = self_scores(model, task, train, factors, score_arguments, progress)
+        ScoreStore(out / "scores").save(
+            "self", {"scores": values}, {"train_ids": json.dumps(ids["train_ids"])}
+        )
+    rows = topk_rows(scores.total, queries, train, k)
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_bytes(out / "topk.jsonl", lines.encode("utf-8"))
+    write_bytes(out / "summary.md", summary_markdown(rows, args, factors).encode("utf-8"))
+    return {"out": str(out), "queries": len(queries), "train": len(train), "rows": rows}
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BadInputError(
+            f"--device {name!r} is not a torch device (cpu, cuda, cuda:1 ...)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError(f"--device {name}: no CUDA device is available; use --device cpu")
+    return device
+
+
+def topk_rows(scores: torch.Tensor, queries: list[dict], train: list[dict], k: int) -> list[dict]:
+    """One row per query: its ``k`` strongest proponents and opponents, with text."""
+    proponents, opponents = top_k(scores, k)
+    rows = []
+    for q, query in enumerate(queries):
+
+        def entries(indices, q=q):
+            return [
+                {"id": train[i]["id"], "score": scores[q, i].item(), "text": record_text(train[i])}
+                for i in indices.tolist()
+            ]
+
+        rows.append(
+            {
+                "query_id": query["id"],
+                "query": record_text(query),
+                "proponents": entries(proponents[q]),
+                "opponents": entries(opponents[q]),
+            }
+        )
+    return rows
+
+
+def record_text(record: dict) -> str:
+    return record["text"] if "text" in record else record["prompt"] + record["completion"]
+
+
+def summary_markdown(rows: list[dict], args: argparse.Namespace, factors) -> str:
+    fa = factors.arguments
+    lines = [
+        "# excise attribute",
+        "",
+        f"Model `{args.model}`; {len(rows)} queries against `{args.train}`; strategy "
+        f"{fa.strategy}, {fa.fisher} Fisher, {len(factors.modules)} tracked modules, damping "
+        + (f"{args.damping}" if args.damping is not None else "0.1 × mean eigenvalue")
+        + ".",
+        "Positive: training on the example raises the probability of the query's completion.",
+    ]
+    for row in rows:
+        lines += ["", f"## Query `{row['query_id']}`", "", f"> {_cell(row['query'])}", ""]
+        for title, key in (("Proponents", "proponents"), ("Opponents", "opponents")):
+            lines += [f"**{title}**", "", "| # | id | score | text |", "|---|---|---|---|"]
+            for rank, entry in enumerate(row[key], start=1):
+                lines.append(
+                    f"| {rank} | `{_cell(entry['id'])}` | {entry['score']:.4g} | "
+                    f"{_cell(entry['text'])} |"
+                )
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """Text that stays in one markdown table cell."""
+    text = " ".join(str(text).split()).replace("|", "\\|").replace("`", "'")
+    return text if len(text) <= TEXT_PREVIEW else text[: TEXT_PREVIEW - 1] + "…"
+
+
+def _factor_arguments(args: argparse.Namespace, model) -> FactorArguments:
+    modules = _module_spec(args.modules, model)
+    arguments = FactorArguments(
+        strategy=args.strategy,
+        fisher=args.fisher,
+        modules=modules,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    select_modules(model, list(modules) if isinstance(modules, tuple) else modules)
+    return arguments
+
+
+def _module_spec(values: list[str] | None, model) -> str | tuple[str, ...] | None:
+    """Several values are module names; one value is a name if the model has it, else a regex."""
+    if not values:
+        return None
+    if len(values) == 1 and values[0] not in dict(model.named_modules()):
+        return values[0]
+    return tuple(values)
+
+
+def _top_k_count(requested: int | None, n_train: int) -> int:
+    if requested is None:
+        return min(5, n_train)
+    if not 1 <= requested <= n_train:
+        raise BadInputError(
+            f"--top-k {requested}: must be between 1 and the {n_train} training examples"
+        )
+    return requested

@@ -1,0 +1,179 @@
+"""`excise attribute` end to end on the tiny world, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from safetensors import safe_open
+
+from excise.cli import main
+from excise.world import read_split
+
+from .test_cli import assert_one_line_error, run_cli
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tiny_world, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("attribute")
+    train = read_split(tiny_world, "retain")[:40]
+    planted = [dict(train[i], id=f"copy-of-{train[i]['id']}") for i in (3, 17, 29)]
+    return {
+        "model": tiny_world / "base",
+        "train": write_jsonl(folder / "train.jsonl", train),
+        "query": write_jsonl(folder / "query.jsonl", read_split(tiny_world, "forget")[:5]),
+        "planted": write_jsonl(folder / "planted.jsonl", planted),
+        "n_train": len(train),
+    }
+
+
+def attribute(files, out, *extra, query="query"):
+    return main(
+        [
+            "attribute",
+            "--model",
+            str(files["model"]),
+            "--train",
+            str(files["train"]),
+            "--query",
+            str(files[query]),
+            "--out",
+            str(out),
+            "--quiet",
+            *extra,
+        ]
+    )
+
+
+def test_writes_scores_topk_and_summary(files, tmp_path):
+    out = tmp_path / "attr"
+    assert attribute(files, out, "--self", "--per-module", "--top-k", "3") == 0
+    with safe_open(out / "scores" / "pairwise.safetensors", "pt") as handle:
+        scores = handle.get_tensor("scores")
+        metadata = handle.metadata()
+        assert any(key.startswith("module/") for key in handle.keys())  # noqa: SIM118
+    assert list(scores.shape) == [5, files["n_train"]]
+    assert len(json.loads(metadata["train_ids"])) == files["n_train"]
+    with safe_open(out / "scores" / "self.safetensors", "pt") as handle:
+        assert list(handle.get_tensor("scores").shape) == [files["n_train"]]
+    rows = [json.loads(line) for line in (out / "topk.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and all(len(r["proponents"]) == 3 for r in rows)
+    best = rows[0]["proponents"][0]
+    assert best["score"] == pytest.approx(scores[0].max().item())
+    assert "## Query" in (out / "summary.md").read_text()
+
+
+def test_a_planted_duplicate_is_among_the_top_3_proponents(files, tmp_path):
+    out = tmp_path / "planted"
+    assert attribute(files, out, "--top-k", "3", query="planted") == 0
+    for line in (out / "topk.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        original = row["query_id"].removeprefix("copy-of-")
+        assert original in [p["id"] for p in row["proponents"]], row["query_id"]
+
+
+def test_a_rerun_reuses_factors_and_scores(files, tmp_path):
+    out = tmp_path / "again"
+    assert attribute(files, out, "--strategy", "kfac", "--fisher", "empirical") == 0
+    stamp = (out / "factors" / "covariance.safetensors").stat().st_mtime_ns
+    assert attribute(files, out, "--strategy", "kfac", "--fisher", "empirical") == 0
+    assert (out / "factors" / "covariance.safetensors").stat().st_mtime_ns == stamp
+    assert_exit_2(attribute(files, out, "--strategy", "ekfac"))
+
+
+def test_factors_reused_from_another_folder_and_refused_for_another_model(
+    files, tmp_path, tiny_world
+):
+    first = tmp_path / "first"
+    assert attribute(files, first, "--strategy", "kfac") == 0
+    assert attribute(files, tmp_path / "second", "--factors", str(first / "factors")) == 0
+    result = run_cli(
+        "attribute",
+        "--model",
+        str(tiny_world / "reference"),
+        "--train",
+        str(files["train"]),
+        "--query",
+        str(files["query"]),
+        "--factors",
+        str(first / "factors"),
+        "--out",
+        str(tmp_path / "third"),
+    )
+    assert_one_line_error(result, "fitted for another model")
+    assert not (tmp_path / "third").exists()
+
+
+def assert_exit_2(code):
+    assert code == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--top-k", "1000"], "--top-k 1000: must be between 1 and the 40"),
+        (["--modules", "model.layers.0.mlp.up_prj"], "no Linear/Conv1D modules matching"),
+        (["--modules", "model.layers.0.mlp.up_proj", "lm_hed"], "no module named 'lm_hed'"),
+        (["--max-length", "4"], "no completion tokens left"),
+        (["--device", "cuda:7"], "no CUDA device"),
+    ],
+)
+def test_bad_arguments_exit_2_and_write_nothing(files, tmp_path, extra, message):
+    out = tmp_path / "bad"
+    result = run_cli(
+        "attribute",
+        "--model",
+        str(files["model"]),
+        "--train",
+        str(files["train"]),
+        "--query",
+        str(files["query"]),
+        "--out",
+        str(out),
+        *extra,
+    )
+    assert_one_line_error(result, message)
+    assert not out.exists()
+
+
+def test_missing_train_file(files, tmp_path):
+    result = run_cli(
+        "attribute",
+        "--model",
+        str(files["model"]),
+        "--train",
+        str(tmp_path / "nope.jsonl"),
+        "--query",
+        str(files["query"]),
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert_one_line_error(result, "no such file")
+
+
+def test_mismatched_tokenizer(files, tmp_path):
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(files["model"], model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.add_tokens([f"extra{i}" for i in range(40)])
+    tokenizer.save_pretrained(model)
+    result = run_cli(
+        "attribute",
+        "--model",
+        str(model),
+        "--train",
+        str(files["train"]),
+        "--query",
+        str(files["query"]),
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert_one_line_error(result, "do not belong together")
