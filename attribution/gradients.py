@@ -43,8 +43,11 @@ def capture(
 ) -> Iterator[dict[str, ModuleIO]]:
     """Record tracked modules' inputs and outputs during the forward passes in the block.
 
-    Tracked parameters are made to require grad inside the block (and restored after), so
-    outputs can be differentiated even for a frozen model.
+    Inside the block the tracked parameters do not require grad (restored after): only
+    gradients with respect to module outputs are needed, so autograd neither keeps a
+    second copy of each module's input nor computes weight gradients. A tracked module
+    whose input does not require grad (the first one of a frozen model) gets a leaf copy
+    that does, so its output can still be differentiated.
     """
     records = {name: ModuleIO() for name in modules}
     handles, flags = [], []
@@ -52,7 +55,8 @@ def capture(
         for name, module in modules.items():
             for p in module.parameters(recurse=False):
                 flags.append((p, p.requires_grad))
-                p.requires_grad_(True)
+                p.requires_grad_(False)
+            handles.append(module.register_forward_pre_hook(_differentiable_input))
             hook = _recorder(records[name], dtype, has_bias(module))
             handles.append(module.register_forward_hook(hook))
         yield records
@@ -61,6 +65,13 @@ def capture(
             handle.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def _differentiable_input(module: nn.Module, args: tuple) -> tuple | None:
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and torch.is_grad_enabled() and not x.requires_grad:
+        return (x.detach().requires_grad_(True), *args[1:])
+    return None
 
 
 def _recorder(record: ModuleIO, dtype: torch.dtype | None, bias: bool):

@@ -114,6 +114,11 @@ def assert_exit_2(code):
     assert code == 2
 
 
+def assert_one_line_message(stderr, message):
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], stderr
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -157,7 +162,7 @@ def test_missing_train_file(files, tmp_path):
     assert_one_line_error(result, "no such file")
 
 
-def test_mismatched_tokenizer(files, tmp_path):
+def test_mismatched_tokenizer(files, tmp_path, capsys):
     from transformers import AutoTokenizer
 
     model = tmp_path / "model"
