@@ -167,3 +167,13 @@ def test_bad_arguments_are_named():
         FactorArguments(partitions=0)
     with pytest.raises(InputError, match="dtype must be one of"):
         FactorArguments(dtype="bfloat16")
+
+
+def test_nan_weights_are_refused_with_a_clear_error():
+    from attribution import NonFiniteError
+
+    model = toy_lm()
+    with torch.no_grad():
+        model.blocks[1].weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="NaN or infinite"):
+        fit(model, random_examples(4))
