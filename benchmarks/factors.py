@@ -9,10 +9,11 @@ float32 and two threads, and the same loss: the summed token NLL of each sequenc
 ℓ(z) = -Σₜ log p(x₍ₜ₊₁₎ | x₍≤ₜ₎), labels = input ids shifted by one.
 
 Each tool runs in its own child process (this module with ``--tool``), so its peak
-resident memory is its own. An untimed warm-up fit on a few sequences comes first. Both
-tools write their factors to disk as they go (kronfluence always does; excise is given a
-factor folder), so the timings include that. Then the parent compares the factors module
-by module.
+resident memory is its own; the model, data, kronfluence setup and child runner are
+shared with ``benchmarks.scores`` (``benchmarks/common.py``). An untimed warm-up fit on a
+few sequences comes first. Both tools write their factors to disk as they go
+(kronfluence always does; excise is given a factor folder), so the timings include that.
+Then the parent compares the factors module by module.
 
 Layout. kronfluence tracks only ``nn.Linear`` and ``nn.Conv2d``, so its model is a copy in
 which every Hugging Face ``Conv1D`` (``y = x W + b`` with W of shape [in, out]) is the
@@ -29,8 +30,8 @@ after removing that scale; and, for Λ, which depends on the eigenvectors chosen
 (near-)degenerate eigenspaces, the relative difference of the two EK-FAC curvature
 products (Q_S ⊗ Q_A) diag(Λ) (Q_S ⊗ Q_A)ᵀ v on random vectors v.
 
-    python -m benchmarks.factors --quick          # setting a only
-    python -m benchmarks.factors                  # settings a and b
+    python -m benchmarks.factors --quick          # setting a only, to benchmarks/cache/quick
+    python -m benchmarks.factors                  # settings a and b, to benchmarks/results
     python -m benchmarks.factors --settings b --fisher true
 """
 
