@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attribution.errors import InputError, NonFiniteError
-from attribution.gradients import module_io
+from attribution.gradients import module_io, outer_sum
 from attribution.modules import ModuleSpec, select_modules
 from attribution.task import Task
 
@@ -141,6 +141,26 @@ class Factors:
         q_a = t["activation_eigenvectors"].to(vectors.dtype)
         rotated = q_s.T @ vectors @ q_a  # [..., out, in]
         return q_s @ (rotated / (eig + lam)) @ q_a.T
+
+    def quadratic_form(
+        self, module: str, vectors: torch.Tensor, damping: float | None = None, factor: float = 0.1
+    ) -> torch.Tensor:
+        """vᵀ (G + λI)⁻¹ v for each V of a batch [..., out, in (+1)], shape [...].
+
+        In the eigenbasis this is Σ (Q_Sᵀ V Q_A)² ⊘ (Λ + λ): one rotation, not the two of
+        :meth:`inverse_product` followed by a dot product.
+        """
+        strategy = self.arguments.strategy
+        if strategy == "identity":
+            return (vectors**2).sum(dim=(-2, -1))
+        lam = self.damping(module, damping, factor)
+        eig = self.eigenvalues(module).to(vectors.dtype)
+        if strategy != "diagonal":
+            t = self.tensors[module]
+            q_s = t["gradient_eigenvectors"].to(vectors.dtype)
+            q_a = t["activation_eigenvectors"].to(vectors.dtype)
+            vectors = q_s.T @ vectors @ q_a
+        return (vectors**2 / (eig + lam)).sum(dim=(-2, -1))
 
     def precondition(
         self,
@@ -293,7 +313,7 @@ def _squared_gradients(record, eigen) -> torch.Tensor:
         if eigen is not None:
             a = a @ eigen["activation_eigenvectors"].to(a.dtype)
             g = g @ eigen["gradient_eigenvectors"].to(g.dtype)
-        term = torch.einsum("bto,bti->boi", g, a)  # per-example gradient, maybe rotated
+        term = outer_sum(g, a)  # per-example gradient, maybe rotated
         total = term if total is None else total + term
     return (total**2).sum(0)
 

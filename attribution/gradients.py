@@ -3,7 +3,7 @@
 Hook path. A forward hook keeps each tracked module's input a (with a trailing 1 when it
 has a bias) and its output; one ``autograd.grad`` of the summed loss gives g = ∂L/∂output at
 every token. Because L = Σₙ ℓ(zₙ) and examples do not interact, the gradient of example
-n is Gₙ = Σₜ gₙₜ aₙₜᵀ (``einsum("bto,bti->boi")``), for every example at once. The
+n is Gₙ = Σₜ gₙₜ aₙₜᵀ (one batched matrix product), for every example at once. The
 model's ``.grad`` fields are never touched and the hooks are always removed.
 
 Reference path (:func:`per_example_gradients_func`): ``torch.func.vmap`` of
@@ -109,9 +109,17 @@ def example_gradients(record: ModuleIO) -> torch.Tensor:
     """Gₙ = Σₜ gₙₜ aₙₜᵀ summed over the module's calls, shape [batch, out, in + 1]."""
     total = None
     for a, g in zip(record.inputs, record.output_grads, strict=True):
-        term = torch.einsum("bto,bti->boi", g, a)
+        term = outer_sum(g, a)
         total = term if total is None else total + term
     return total
+
+
+def outer_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Σₜ gₜ aₜᵀ per example: [batch, seq, out] × [batch, seq, in] → [batch, out, in].
+
+    A batched matrix product (faster than the equivalent einsum on the CPU).
+    """
+    return torch.bmm(g.transpose(1, 2), a)
 
 
 def module_io(

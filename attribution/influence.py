@@ -33,7 +33,7 @@ from attribution.artifacts import package_version
 from attribution.curvature import DTYPES, Factors, partition_bounds
 from attribution.errors import InputError
 from attribution.fingerprint import model_fingerprint
-from attribution.gradients import example_gradients, module_io
+from attribution.gradients import example_gradients, module_io, outer_sum
 from attribution.modules import select_modules
 from attribution.store import TensorStore
 from attribution.task import Task
@@ -158,26 +158,34 @@ def pairwise_scores(
     if not isinstance(queries, QueryGradients):
         queries = precondition_queries(model, task, queries, factors, arguments, progress)
     modules = _factor_modules(model, factors)
-    totals, per_module, per_token = [], {name: [] for name in modules}, []
+    n_q, n_train = queries.n_queries, len(train)
+    total = torch.zeros(n_q, n_train, dtype=arguments.torch_dtype)
+    per_module = (
+        {name: torch.zeros_like(total) for name in modules} if arguments.per_module else None
+    )
+    per_token = (
+        torch.zeros(n_q, n_train, 0, dtype=arguments.torch_dtype) if arguments.per_token else None
+    )
+    start = 0
     for batch in _batches(model, task, train, arguments.batch_size, "train", progress):
         records = module_io(model, task, batch, modules, dtype=arguments.torch_dtype)
-        batch_total, batch_tokens = None, None
+        stop = start + batch["input_ids"].shape[0]
         for name, record in records.items():
             scores, tokens = _module_scores(record, queries, name, arguments.per_token)
-            per_module[name].append(scores)
-            batch_total = scores if batch_total is None else batch_total + scores
+            total[:, start:stop] += scores.to(total.device)
+            if per_module is not None:
+                per_module[name][:, start:stop] = scores
             if tokens is not None:
-                batch_tokens = tokens if batch_tokens is None else batch_tokens + tokens
-        totals.append(batch_total)
-        if arguments.per_token:
-            per_token.append(batch_tokens)
-    return Scores(
-        total=torch.cat(totals, dim=1),
-        per_module={n: torch.cat(s, dim=1) for n, s in per_module.items()}
-        if arguments.per_module
-        else None,
-        per_token=_cat_padded(per_token) if arguments.per_token else None,
-    )
+                per_token = _widened(per_token, tokens.shape[-1])
+                per_token[:, start:stop, : tokens.shape[-1]] += tokens.to(per_token.device)
+        start = stop
+    return Scores(total, per_module, per_token)
+
+
+def _widened(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """``tensor`` [..., w] zero-padded on the right to at least ``width``."""
+    extra = width - tensor.shape[-1]
+    return torch.nn.functional.pad(tensor, (0, extra)) if extra > 0 else tensor
 
 
 def stored_pairwise_scores(
@@ -283,8 +291,7 @@ def self_scores(
         grads = _gradients(model, task, batch, modules, arguments, measurement=False)
         total = None
         for name, grad in grads.items():
-            pre = factors.inverse_product(name, grad, arguments.damping, arguments.damping_factor)
-            term = (grad * pre).sum(dim=(-2, -1))
+            term = factors.quadratic_form(name, grad, arguments.damping, arguments.damping_factor)
             total = term if total is None else total + term
         result.append(total)
     return torch.cat(result)
@@ -309,24 +316,43 @@ def _module_scores(record, queries: QueryGradients, name: str, per_token: bool):
     """Scores [n_q, batch] of one module, and per-token scores [n_q, batch, seq] if asked."""
     a, g = _single_call(record)
     n_q, (n_batch, n_tokens, n_out), n_in = queries.n_queries, g.shape, a.shape[-1]
-    low_rank = name not in queries.dense
     materialize_cost = n_batch * n_tokens * n_out * n_in + n_q * n_batch * n_out * n_in
-    if low_rank:
-        rank = queries.left[name].shape[-1]
-        token_cost = n_q * n_batch * n_tokens * rank * (n_out + n_in)
+    if name in queries.dense:
+        token_cost = n_q * n_batch * n_tokens * n_out * n_in
     else:
-        token_cost = n_q * n_batch * n_tokens * n_out * (n_in + 1)
+        token_cost = n_q * n_batch * n_tokens * queries.left[name].shape[-1] * (n_out + n_in)
     if per_token or token_cost < materialize_cost:
-        if low_rank:
-            ug = torch.einsum("bto,qor->qbtr", g, queries.left[name].to(g.dtype))
-            va = torch.einsum("bti,qir->qbtr", a, queries.right[name].to(a.dtype))
-            tokens = (ug * va).sum(-1)
-        else:
-            pa = torch.einsum("qoi,bti->qbto", queries.dense_of(name).to(a.dtype), a)
-            tokens = (pa * g).sum(-1)
+        tokens = _token_scores(a, g, queries, name)
         return tokens.sum(-1), tokens if per_token else None
-    dense = queries.dense_of(name).to(a.dtype)
-    return torch.einsum("qoi,boi->qb", dense, example_gradients(record)), None
+    dense = queries.dense_of(name).to(a.dtype).reshape(n_q, -1)  # [q, out·in]
+    grads = outer_sum(g, a).reshape(n_batch, -1)  # [batch, out·in]
+    return dense @ grads.T, None
+
+
+def _token_scores(a: torch.Tensor, g: torch.Tensor, queries: QueryGradients, name: str):
+    """gₜᵀ P_q aₜ for every query q and token t, shape [n_q, batch, seq].
+
+    Dense P: contract the larger of in/out first, so the kept intermediate [tokens, q,
+    min(in, out)] is the smaller one; rank r: (Uᵀ gₜ)·(Vᵀ aₜ), intermediates [tokens, q, r].
+    """
+    n_batch, n_tokens, n_out = g.shape
+    n_in, n_q = a.shape[-1], queries.n_queries
+    a2, g2 = a.reshape(-1, n_in), g.reshape(-1, n_out)  # [tokens, in], [tokens, out]
+    if name in queries.dense:
+        p = queries.dense[name].to(a.dtype)  # [q, out, in]
+        if n_out <= n_in:
+            pa = (a2 @ p.reshape(n_q * n_out, n_in).T).view(-1, n_q, n_out)
+            tokens = torch.bmm(pa, g2.unsqueeze(-1)).squeeze(-1)  # [tokens, q]
+        else:
+            gp = (g2 @ p.transpose(1, 2).reshape(n_q * n_in, n_out).T).view(-1, n_q, n_in)
+            tokens = torch.bmm(gp, a2.unsqueeze(-1)).squeeze(-1)
+    else:
+        left, right = queries.left[name].to(a.dtype), queries.right[name].to(a.dtype)
+        rank = left.shape[-1]
+        ug = (g2 @ left.transpose(0, 1).reshape(n_out, n_q * rank)).view(-1, n_q, rank)
+        va = (a2 @ right.transpose(0, 1).reshape(n_in, n_q * rank)).view(-1, n_q, rank)
+        tokens = (ug * va).sum(-1)
+    return tokens.view(n_batch, n_tokens, n_q).permute(2, 0, 1)
 
 
 def _single_call(record):
