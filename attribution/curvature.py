@@ -30,12 +30,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from attribution.errors import InputError, NonFiniteError
 from attribution.gradients import module_io, outer_sum
-from attribution.modules import ModuleSpec, select_modules
-from attribution.task import Task
+from attribution.modules import select_modules
+from attribution.task import Task, batches
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 FISHER_TYPES = ("true", "empirical")
@@ -191,7 +190,7 @@ def fit_factors(
     and a folder fitted with other arguments or for another model is refused.
     """
     arguments = arguments or FactorArguments()
-    modules = select_modules(model, _module_spec(arguments.modules))
+    modules = select_modules(model, arguments.modules)
     if len(examples) == 0:
         raise InputError("no examples to fit factors on")
     store = None
@@ -358,40 +357,28 @@ def _passes(
     For the true Fisher, example i's labels are drawn with its own generator, seeded by
     (``seed``, stage, i): the draws do not depend on batch size or partitioning.
     """
-    device = next(model.parameters()).device
     sample = arguments.fisher == "true"
     stage_offset = 0 if desc == "covariance" else 1
-    was_training = model.training
-    model.eval()
-    try:
-        starts = range(start, stop, arguments.batch_size)
-        bar = tqdm(
-            starts, desc=desc, disable=None if progress is None else not progress, leave=False
+    for first, last, batch in batches(
+        model, task, examples, arguments.batch_size, desc, progress, start, stop
+    ):
+        generators = None
+        if sample:
+            device = batch["input_ids"].device
+            generators = [
+                _example_generator(arguments.seed, stage_offset, i, device)
+                for i in range(first, last)
+            ]
+        records = module_io(
+            model,
+            task,
+            batch,
+            modules,
+            sample=sample,
+            generator=generators,
+            dtype=arguments.torch_dtype,
         )
-        for first in bar:
-            last = min(first + arguments.batch_size, stop)
-            batch = task.collate(examples[first:last])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            generators = (
-                [
-                    _example_generator(arguments.seed, stage_offset, i, device)
-                    for i in range(first, last)
-                ]
-                if sample
-                else None
-            )
-            records = module_io(
-                model,
-                task,
-                batch,
-                modules,
-                sample=sample,
-                generator=generators,
-                dtype=arguments.torch_dtype,
-            )
-            yield batch, records
-    finally:
-        model.train(was_training)
+        yield batch, records
 
 
 def _example_generator(seed: int, stage: int, index: int, device) -> torch.Generator:
@@ -410,10 +397,6 @@ def _check_finite_factors(name: str, values: Mapping[str, torch.Tensor]) -> None
     for key, tensor in values.items():
         if not torch.isfinite(tensor).all():
             raise NonFiniteError(f"the {key} of module {name!r} is NaN or infinite")
-
-
-def _module_spec(modules: str | tuple[str, ...] | None) -> ModuleSpec:
-    return list(modules) if isinstance(modules, tuple) else modules
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from attribution.artifacts import package_version
 from attribution.curvature import DTYPES, Factors, partition_bounds
@@ -36,7 +35,7 @@ from attribution.fingerprint import model_fingerprint
 from attribution.gradients import example_gradients, module_io, outer_sum
 from attribution.modules import select_modules
 from attribution.store import TensorStore
-from attribution.task import Task
+from attribution.task import Task, batches
 
 
 @dataclass(frozen=True)
@@ -128,7 +127,7 @@ def precondition_queries(
     arguments = arguments or ScoreArguments()
     modules = _factor_modules(model, factors)
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
-    for batch in _batches(model, task, queries, arguments.batch_size, "queries", progress):
+    for _, _, batch in batches(model, task, queries, arguments.batch_size, "queries", progress):
         grads = _gradients(model, task, batch, modules, arguments, measurement=True)
         for name, grad in grads.items():
             chunks[name].append(
@@ -167,7 +166,7 @@ def pairwise_scores(
         torch.zeros(n_q, n_train, 0, dtype=arguments.torch_dtype) if arguments.per_token else None
     )
     start = 0
-    for batch in _batches(model, task, train, arguments.batch_size, "train", progress):
+    for _, _, batch in batches(model, task, train, arguments.batch_size, "train", progress):
         records = module_io(model, task, batch, modules, dtype=arguments.torch_dtype)
         stop = start + batch["input_ids"].shape[0]
         for name, record in records.items():
@@ -287,7 +286,7 @@ def self_scores(
     arguments = arguments or ScoreArguments()
     modules = _factor_modules(model, factors)
     result = []
-    for batch in _batches(model, task, train, arguments.batch_size, "self", progress):
+    for _, _, batch in batches(model, task, train, arguments.batch_size, "self", progress):
         grads = _gradients(model, task, batch, modules, arguments, measurement=False)
         total = None
         for name, grad in grads.items():
@@ -380,21 +379,6 @@ def _gradients(model, task, batch, modules, arguments, measurement):
 
 def _factor_modules(model: nn.Module, factors: Factors) -> dict[str, nn.Module]:
     return select_modules(model, factors.modules)
-
-
-def _batches(model, task, examples, batch_size, desc, progress):
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        starts = range(0, len(examples), batch_size)
-        for start in tqdm(
-            starts, desc=desc, disable=None if progress is None else not progress, leave=False
-        ):
-            batch = task.collate(examples[start : start + batch_size])
-            yield {k: v.to(device) for k, v in batch.items()}
-    finally:
-        model.train(was_training)
 
 
 def _cat_padded(chunks: list[torch.Tensor]) -> torch.Tensor:

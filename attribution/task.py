@@ -20,11 +20,12 @@ right padding and prompt masking.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from attribution.data import IGNORE_INDEX, collate, encode_record, pad_token_id
 
@@ -140,3 +141,33 @@ def sample_labels(
         )
     drawn = drawn.view(labels.shape)
     return torch.where(labels != IGNORE_INDEX, drawn, labels)
+
+
+def batches(
+    model: nn.Module,
+    task: Task,
+    examples: Sequence[Any],
+    batch_size: int,
+    desc: str,
+    progress: bool | None = None,
+    start: int = 0,
+    stop: int | None = None,
+) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+    """``(first, last, batch)`` over ``examples[start:stop]``, on the model's device.
+
+    The model is in eval mode while the batches are used (restored after); the bar is
+    hidden when ``progress`` is False, or when not on a terminal and ``progress`` is None.
+    """
+    device = next(model.parameters()).device
+    stop = len(examples) if stop is None else stop
+    was_training = model.training
+    model.eval()
+    try:
+        starts = range(start, stop, batch_size)
+        hidden = None if progress is None else not progress
+        for first in tqdm(starts, desc=desc, disable=hidden, leave=False):
+            last = min(first + batch_size, stop)
+            batch = task.collate(examples[first:last])
+            yield first, last, {k: v.to(device) for k, v in batch.items()}
+    finally:
+        model.train(was_training)

@@ -166,7 +166,7 @@ def _factor_arguments(args: argparse.Namespace, model) -> FactorArguments:
         batch_size=args.batch_size,
         seed=args.seed,
     )
-    select_modules(model, list(modules) if isinstance(modules, tuple) else modules)
+    select_modules(model, modules)  # unknown names fail here, before anything is written
     return arguments
 
 
