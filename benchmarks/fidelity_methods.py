@@ -1,0 +1,238 @@
+"""The attribution methods compared by the fidelity benchmark, on identical models.
+
+Every method takes a setting (``benchmarks.fidelity_settings``) and the models trained
+on its full training set (``models[0]`` the one single-model methods use; ensembles use
+them all) and returns scores [n_query, n_train] in excise's sign convention: positive
+when training on z lowers the query's loss, score(q, z) ≈ ∇ℓ(q)ᵀ (G + λI)⁻¹ ∇ℓ(z).
+
+- ``excise-<strategy>``: ``fit_factors`` + ``pairwise_scores`` with the empirical Fisher
+  (the data's labels) and the default damping 0.1 × mean eigenvalue per module;
+  ``excise-ekfac-true``: the same with the true Fisher (labels sampled from the model);
+  ``excise-ekfac-ensemble``: the mean of ``excise-ekfac`` over every given model.
+- ``kronfluence-ekfac``: kronfluence 1.0.1's EK-FAC, empirical Fisher, the same damping
+  (``damping_factor=None``), float32, on a copy of the model.
+- ``dattri-*``: dattri 0.3.0 with its defaults unless a default cannot run: TracIn on
+  the final model (one checkpoint, weight 1, gradients randomly projected to 512
+  dimensions as dattri does by default), DataInf (regularization 0.01: dattri's default
+  0 divides by zero), TRAK with its default projection (512 dimensions) on one model
+  (``dattri-trak``) and on every given model (``dattri-trak-ensemble``). dattri returns
+  [n_train, n_query] with positive = helpful (it flips the ground truth, the loss, to
+  match), so its scores are transposed, not negated. TRAK measures the margin
+  log p − log(1 − p) (its own choice), a decreasing function of the loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from copy import deepcopy
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+BATCH_SIZE = 32
+DATAINF_REGULARIZATION = 0.01
+
+Method = Callable[[Any, Sequence[nn.Module]], torch.Tensor]
+
+
+# --- excise ----------------------------------------------------------------------------
+
+
+def excise_scores(setting, model: nn.Module, strategy: str, fisher: str) -> torch.Tensor:
+    """excise's pairwise scores [n_query, n_train] on one model."""
+    from attribution import FactorArguments, ScoreArguments, fit_factors, pairwise_scores
+
+    arguments = FactorArguments(
+        strategy=strategy, fisher=fisher, modules=setting.modules, batch_size=BATCH_SIZE
+    )
+    factors = fit_factors(model, setting.task, setting.train, arguments, progress=False)
+    scores = pairwise_scores(
+        model,
+        setting.task,
+        setting.queries,
+        setting.train,
+        factors,
+        ScoreArguments(batch_size=BATCH_SIZE),
+        progress=False,
+    )
+    return scores.total.double()
+
+
+def _excise(strategy: str, fisher: str = "empirical") -> Method:
+    return lambda setting, models: excise_scores(setting, models[0], strategy, fisher)
+
+
+def excise_ensemble(setting, models: Sequence[nn.Module]) -> torch.Tensor:
+    """The mean of EK-FAC scores over independently trained models."""
+    return torch.stack([excise_scores(setting, m, "ekfac", "empirical") for m in models]).mean(0)
+
+
+# --- kronfluence -----------------------------------------------------------------------
+
+
+def kronfluence_ekfac(setting, models: Sequence[nn.Module]) -> torch.Tensor:
+    """kronfluence's EK-FAC scores [n_query, n_train] on a copy of ``models[0]``."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.utils.dataset import DataLoaderKwargs
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="kronfluence")
+    task = setting.kronfluence_task()
+    model = prepare_model(deepcopy(models[0]).eval(), task)
+    loader = DataLoaderKwargs(num_workers=0)
+    factor_args = FactorArguments(
+        strategy="ekfac",
+        use_empirical_fisher=True,
+        activation_covariance_dtype=torch.float32,
+        gradient_covariance_dtype=torch.float32,
+        eigendecomposition_dtype=torch.float64,
+        per_sample_gradient_dtype=torch.float32,
+        lambda_dtype=torch.float32,
+    )
+    score_args = ScoreArguments(
+        damping_factor=None,  # 0.1 × mean(Λ) per module, as excise; its default is 1e-8
+        per_sample_gradient_dtype=torch.float32,
+        precondition_dtype=torch.float32,
+        score_dtype=torch.float32,
+    )
+    train = setting.kronfluence_dataset("train")
+    with tempfile.TemporaryDirectory() as folder:
+        analyzer = Analyzer(
+            "fidelity",
+            model,
+            task,
+            cpu=True,
+            output_dir=folder,
+            disable_tqdm=True,
+            log_level=logging.WARNING,
+        )
+        analyzer.fit_all_factors(
+            factors_name="ekfac",
+            dataset=train,
+            per_device_batch_size=BATCH_SIZE,
+            factor_args=factor_args,
+            dataloader_kwargs=loader,
+            overwrite_output_dir=True,
+        )
+        analyzer.compute_pairwise_scores(
+            scores_name="pairwise",
+            factors_name="ekfac",
+            query_dataset=setting.kronfluence_dataset("query"),
+            train_dataset=train,
+            per_device_query_batch_size=BATCH_SIZE,
+            per_device_train_batch_size=BATCH_SIZE,
+            score_args=score_args,
+            dataloader_kwargs=loader,
+            overwrite_output_dir=True,
+        )
+        return analyzer.load_pairwise_scores("pairwise")["all_modules"].double()
+
+
+# --- dattri ----------------------------------------------------------------------------
+
+
+def _dattri_task(setting, models: Sequence[nn.Module], loss: Callable | None = None):
+    """dattri's task on a copy of ``models[0]``, with every model as a checkpoint;
+    ``loss(params, example)`` (default: the setting's per-example loss) is also the target."""
+    from dattri.task import AttributionTask
+
+    model = deepcopy(models[0]).eval()
+    checkpoints = [deepcopy(m.state_dict()) for m in models]
+    loss = loss or setting.dattri_loss(model)
+    return AttributionTask(loss_func=loss, model=model, checkpoints=checkpoints), model
+
+
+def _loaders(setting, batch_size: int = BATCH_SIZE) -> tuple[DataLoader, DataLoader]:
+    train = DataLoader(TensorDataset(*setting.tensors("train")), batch_size=batch_size)
+    query = DataLoader(TensorDataset(*setting.tensors("query")), batch_size=batch_size)
+    return train, query
+
+
+def dattri_tracin(setting, models: Sequence[nn.Module]) -> torch.Tensor:
+    from dattri.algorithm.tracin import TracInAttributor
+
+    task, model = _dattri_task(setting, models[:1])
+    attributor = TracInAttributor(
+        task=task,
+        weight_list=torch.ones(1),
+        normalized_grad=False,
+        layer_name=setting.dattri_layers(model),
+        device="cpu",
+    )
+    train, query = _loaders(setting)
+    return attributor.attribute(train, query).T.double()
+
+
+def dattri_datainf(setting, models: Sequence[nn.Module]) -> torch.Tensor:
+    from dattri.algorithm.influence_function import IFAttributorDataInf
+
+    task, model = _dattri_task(setting, models[:1])
+    attributor = IFAttributorDataInf(
+        task=task,
+        layer_name=setting.dattri_layers(model),
+        device="cpu",
+        regularization=DATAINF_REGULARIZATION,
+    )
+    train, query = _loaders(setting)
+    # dattri's DataInf cache treats each loader batch as one example (it unsqueezes the
+    # batch), so the Fisher estimate needs a loader of single examples
+    single, _ = _loaders(setting, batch_size=1)
+    attributor.cache(single)
+    return attributor.attribute(train, query).T.double()
+
+
+def _dattri_trak(setting, models: Sequence[nn.Module]) -> torch.Tensor:
+    from dattri.algorithm.trak import TRAKAttributor
+
+    probe = deepcopy(models[0]).eval()
+    per_example_loss = setting.dattri_loss(probe)
+
+    def margin(params, data):  # TRAK's model output: log p − log(1 − p)
+        log_p = -per_example_loss(params, data)
+        return log_p - torch.log1p(-torch.exp(log_p).clamp(max=1 - 1e-6))
+
+    def correct_probability(params, data):
+        return torch.exp(-per_example_loss(params, data))
+
+    task, model = _dattri_task(setting, models, loss=margin)
+    attributor = TRAKAttributor(
+        task=task,
+        correct_probability_func=correct_probability,
+        layer_name=setting.dattri_layers(model),
+        device="cpu",
+    )
+    train, query = _loaders(setting)
+    attributor.cache(train)
+    return attributor.attribute(query).T.double()
+
+
+def dattri_trak(setting, models: Sequence[nn.Module]) -> torch.Tensor:
+    return _dattri_trak(setting, models[:1])
+
+
+def dattri_trak_ensemble(setting, models: Sequence[nn.Module]) -> torch.Tensor:
+    return _dattri_trak(setting, models)
+
+
+# --- the registry ----------------------------------------------------------------------
+
+METHODS: dict[str, Method] = {
+    "excise-identity": _excise("identity"),
+    "excise-diagonal": _excise("diagonal"),
+    "excise-kfac": _excise("kfac"),
+    "excise-ekfac": _excise("ekfac"),
+    "excise-ekfac-true": _excise("ekfac", "true"),
+    "excise-ekfac-ensemble": excise_ensemble,
+    "kronfluence-ekfac": kronfluence_ekfac,
+    "dattri-tracin": dattri_tracin,
+    "dattri-datainf": dattri_datainf,
+    "dattri-trak": dattri_trak,
+    "dattri-trak-ensemble": dattri_trak_ensemble,
+}
+ENSEMBLES = {"excise-ekfac-ensemble", "dattri-trak-ensemble"}  # use every full-data model
+PEERS = {name for name in METHODS if not name.startswith("excise")}
