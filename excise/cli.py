@@ -21,7 +21,6 @@ from excise.errors import BadInputError
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 LIBRARY_LOGGERS = ("excise", "attribution", "unlearn", "analysis")
 PLANNED = {  # commands whose issues have not landed yet
-    "unlearn": "scope selection + unlearning; writes a new model folder + manifest",
     "audit": "compare a model before/after: forget efficacy, utility, shift, MIA, robustness",
     "forget": "the main job, end to end: attribute -> scope -> unlearn -> audit",
     "ledger": "the deletion requests processed so far and their evidence",
@@ -45,13 +44,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (and exit code 2), like every other bad input."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="excise",
         description="Attribute, scope, forget, and prove it.",
     )
     parser.add_argument("--version", action="version", version=f"excise {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     common.add_argument("--quiet", action="store_true", help="no progress bars or notes")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -75,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_attribute_arguments(attr)
     attr.set_defaults(handler=_run_attribute)
+
+    unl = commands.add_parser(
+        "unlearn",
+        parents=[common],
+        help="scope selection + unlearning; writes a new model folder + manifest",
+    )
+    _add_unlearn_arguments(unl)
+    unl.set_defaults(handler=_run_unlearn)
 
     for name, summary in PLANNED.items():
         planned = commands.add_parser(name, parents=[common], help=f"{summary} (not built yet)")
@@ -145,6 +160,76 @@ def _run_attribute(args: argparse.Namespace) -> int:
             best = row["proponents"][0]
             print(f"  {row['query_id']}: {best['id']} ({best['score']:.4g})", file=sys.stderr)
     print(result["out"])
+    return EXIT_OK
+
+
+def _add_unlearn_arguments(parser: argparse.ArgumentParser, data: bool = True) -> None:
+    """The unlearning options (``data``: also --model/--forget/--retain/--out)."""
+    if data:
+        parser.add_argument("--model", required=True, help="local Hugging Face causal-LM folder")
+        parser.add_argument("--forget", required=True, help="the examples to forget")
+        parser.add_argument("--retain", required=True, help="examples whose knowledge to keep")
+        parser.add_argument("--out", required=True, help="output folder (must not exist)")
+    parser.add_argument(
+        "--method",
+        default="npo",
+        choices=("ga", "gd", "kl", "npo", "simnpo", "idk", "rmu", "newton"),
+        help="objective (newton: one scoped EK-FAC Newton step with a line search)",
+    )
+    parser.add_argument(
+        "--scope",
+        default="ekfac",
+        choices=("ekfac", "wagle", "saliency", "magnitude", "random", "all"),
+        help="how the editable parameters are chosen (default ekfac)",
+    )
+    parser.add_argument(
+        "--sparsity", type=float, default=0.05, help="fraction of parameters edited (0, 1]"
+    )
+    parser.add_argument("--ranking", default="global", choices=("global", "per_tensor"))
+    parser.add_argument("--granularity", default="parameter", choices=("parameter", "tensor"))
+    parser.add_argument("--factors", help="reuse EK-FAC factors fitted for this model")
+    parser.add_argument(
+        "--reference", help="a model retrained without the forget set: stop at its forget loss"
+    )
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
+    parser.add_argument("--retain-weight", type=float, default=1.0, help="α of the retain term")
+    parser.add_argument("--beta", type=float, help="NPO/IDK β (0.1), SimNPO β (4.5)")
+    parser.add_argument(
+        "--retain-budget",
+        type=float,
+        default=0.5,
+        help="nats/token the retain loss may rise before stepping back (default 0.5)",
+    )
+    parser.add_argument("--forget-target", type=float, help="stop at this forget loss (nats/token)")
+    parser.add_argument("--weight-decay", type=float, default=0.01, help="in scope only")
+    parser.add_argument("--rmu-layer", type=int, help="RMU's steered block (default: middle)")
+    parser.add_argument("--idk-text", default=" I don't know.", help="the IDK method's answer")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+
+
+def _run_unlearn(args: argparse.Namespace) -> int:
+    from excise import unlearn
+
+    manifest = unlearn.run(args)
+    if not args.quiet:
+        result, scope, proof = manifest["result"], manifest["scope"], manifest["proof"]
+        start, end = result["history"][0], result["history"][-1]
+        print(
+            f"excise unlearn: {manifest['method']} in the {scope['method']} scope, "
+            f"{scope['edited']:,} of {scope['total']:,} parameters ({scope['fraction']:.2%}); "
+            f"{result['steps_run']} steps, stopped by {result['stopped']}",
+            file=sys.stderr,
+        )
+        print(
+            f"  forget loss {start['forget_loss']:.3f} -> {end['forget_loss']:.3f}, "
+            f"retain loss {start['retain_loss']:.3f} -> {end['retain_loss']:.3f} (nats/token); "
+            f"{proof['out_of_scope_identical']}/{proof['out_of_scope_tensors']} out-of-scope "
+            "tensors bit-identical",
+            file=sys.stderr,
+        )
+    print(manifest["out"])
     return EXIT_OK
 
 

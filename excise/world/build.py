@@ -97,7 +97,7 @@ def _build_into(folder: Path, settings: WorldSettings, progress: bool | None) ->
     from excise.world.train import train_model
 
     splits = generate_world(settings)
-    tokenizer = train_word_tokenizer(_all_texts(splits))
+    tokenizer = train_word_tokenizer([*_all_texts(splits), settings.refusal])
     summary: dict[str, Any] = {
         "key": settings.key(),
         "format_version": FORMAT_VERSION,

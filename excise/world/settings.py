@@ -39,6 +39,10 @@ class WorldSettings:
     epochs: int = field(default=30, metadata={"help": "passes over the training split"})
     batch_size: int = field(default=32, metadata={"help": "records per optimizer step"})
     learning_rate: float = field(default=3e-3, metadata={"help": "peak AdamW learning rate"})
+    refusal: str = field(
+        default=" I don't know.",
+        metadata={"help": "an answer the tokenizer can spell: the IDK objective's target"},
+    )
 
     def __post_init__(self) -> None:
         for name in (
