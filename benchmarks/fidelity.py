@@ -34,7 +34,9 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # dattri's progress bars (read when tqdm loads)
 
 import argparse
+import gc
 import math
+import signal
 import sys
 import time
 import traceback
@@ -57,6 +59,7 @@ QUICK = {"digits": {"subsets": 20, "seeds": 1}, "world": {"subsets": 10, "seeds"
 ENSEMBLE, QUICK_ENSEMBLE = 5, 3
 ALL_SETTINGS = ("digits", "world", "exact")
 EXACT_HIDDEN = 32  # the exact-influence MLP: 64-32-10
+METHOD_TIMEOUT = [900]  # seconds one method may take (--method-timeout)
 
 
 # --- the LDS ---------------------------------------------------------------------------
@@ -157,6 +160,8 @@ def seed_agreement(losses: torch.Tensor) -> dict[str, Any] | None:
 def run_method(name: str, setting, models: Sequence[nn.Module]) -> tuple[dict, torch.Tensor | None]:
     """One method's scores and seconds, or its error (the message and where it was raised)."""
     started = time.perf_counter()
+    previous = signal.signal(signal.SIGALRM, _out_of_time)
+    signal.alarm(METHOD_TIMEOUT[0])
     try:
         scores = METHODS[name](setting, models)
         if scores.shape != (len(setting.queries), len(setting.train)):
@@ -169,7 +174,25 @@ def run_method(name: str, setting, models: Sequence[nn.Module]) -> tuple[dict, t
         message = f"{type(error).__name__}: {error}".strip()
         print(f"  {name} failed: {message[:300]}", file=sys.stderr)
         return {"error": message[:2000], "where": where}, None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        gc.collect()
     return {"seconds": time.perf_counter() - started}, scores
+
+
+def _out_of_time(signum, frame):
+    raise TimeoutError(f"stopped after {METHOD_TIMEOUT[0]} s (--method-timeout)")
+
+
+def limit_memory(gigabytes: float) -> None:
+    """Cap this process's address space, so a method that asks for too much memory fails
+    (and is recorded) instead of taking the shared machine down."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = int(gigabytes * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard < 0 else min(limit, hard), hard))
 
 
 def benchmark_setting(setting, methods, n_subsets: int, seeds: int, ensemble: int, cache: Path):
@@ -313,26 +336,30 @@ def markdown(report: dict[str, Any]) -> str:
     exact = next((r for r in report["results"] if r["setting"] == "exact"), None)
     if exact:
         m = exact["matrices"]
+        kinds = list(m)
+        damping = "; ".join(
+            f"{k}: λ = {v['damping']:.3g}, smallest eigenvalue {v['min_eigenvalue']:.3g}"
+            + (" (indefinite after damping)" if v["indefinite_after_damping"] else "")
+            for k, v in m.items()
+        )
         text += (
             f"\nAgreement with exact influence on an MLP 64-{EXACT_HIDDEN}-10 "
             f"({exact['n_parameters']} parameters, every one tracked), damping 0.1 × mean "
-            f"eigenvalue (Gauss-Newton λ = {m['gauss_newton']['damping']:.3g}; Hessian λ = "
-            f"{m['hessian']['damping']:.3g}, smallest eigenvalue "
-            f"{m['hessian']['min_eigenvalue']:.3g}). Pearson / Spearman over all "
-            "[query, train] entries; per-query Spearman averaged over queries:\n\n"
-            "| method | vs Gauss-Newton: Pearson | Spearman | per-query Spearman "
-            "| vs Hessian: Pearson | Spearman | per-query Spearman |\n"
-            "|---|---:|---:|---:|---:|---:|---:|\n"
+            f"eigenvalue ({damping}). Each cell: Pearson / Spearman over all [query, train] "
+            "entries / per-query Spearman averaged over queries.\n\n"
+            "| method | " + " | ".join(f"vs {k}" for k in kinds) + " |\n"
+            "|---|" + "---:|" * len(kinds) + "\n"
         )
         for name, entry in exact["methods"].items():
             agree = entry.get("agreement")
             if agree is None:
-                text += f"| {name} | failed | | | | | |\n"
+                text += f"| {name} | failed" + " |" * len(kinds) + "\n"
                 continue
             cells = [
-                f"{agree[k][c]:.3f}"
-                for k in ("gauss_newton", "hessian")
-                for c in ("pearson", "spearman", "per_query_spearman")
+                " / ".join(
+                    f"{agree[k][c]:.3f}" for c in ("pearson", "spearman", "per_query_spearman")
+                )
+                for k in kinds
             ]
             text += f"| {name} | " + " | ".join(cells) + " |\n"
     failures = [
@@ -392,6 +419,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)"
     )
+    parser.add_argument("--method-timeout", type=int, default=900, help="seconds per method")
+    parser.add_argument("--memory-gb", type=float, default=6.0, help="address-space cap")
     parser.add_argument("--cache", type=Path, default=FIDELITY_CACHE, help="retrained models")
     parser.add_argument(
         "--results", type=Path, help="default: benchmarks/results (cache/quick with --quick)"
@@ -430,6 +459,9 @@ def make_setting(name: str, args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    METHOD_TIMEOUT[0] = args.method_timeout
+    if args.memory_gb > 0:
+        limit_memory(args.memory_gb)
     started = time.perf_counter()
     plan = QUICK if args.quick else FULL
     ensemble = args.ensemble or (QUICK_ENSEMBLE if args.quick else ENSEMBLE)
@@ -465,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "fidelity",
         "quick": args.quick,
         "command": command.strip(),
+        "method_timeout_seconds": args.method_timeout,
+        "memory_limit_gb": args.memory_gb,
         "machine": machine(args.threads),
         "results": results,
         "paired_differences": comparisons,

@@ -13,7 +13,9 @@ parameters the tracked modules hold) and C, in float64, one of
   drawn from the model: what ``fisher="true"`` estimates);
 - ``hessian``: the dense Hessian of the mean training loss, reverse-over-reverse
   ``torch.func.jacrev`` in chunks of rows. It need not be positive definite: its smallest
-  eigenvalue is recorded, and when that is below −λ the damped system is indefinite.
+  eigenvalue is recorded, and when that is below −λ the damped system is indefinite;
+  ``hessian_shifted`` then adds λ − (smallest eigenvalue) instead, which makes it positive
+  definite (the usual fix, Koh & Liang 2017).
 
 Each method's scores [n_query, n_train] on the same model are compared to both with the
 Pearson and Spearman correlation of all entries, and the mean over queries of the
@@ -87,15 +89,19 @@ def exact_scores(model: nn.Module, x_train, y_train, x_query, y_query) -> dict[s
         matrix = (matrix + matrix.T) / 2
         eig = torch.linalg.eigvalsh(matrix)
         lam = DAMPING_FACTOR * eig.mean().item()
-        damped = matrix + lam * torch.eye(flat.numel(), dtype=matrix.dtype)
-        scores[name] = query_grads @ torch.linalg.solve(damped, train_grads.T)  # [Q, N]
-        result["matrices"][name] = {
-            "damping": lam,
-            "min_eigenvalue": eig.min().item(),
-            "max_eigenvalue": eig.max().item(),
-            "indefinite_after_damping": bool(eig.min().item() + lam <= 0),
-            "seconds": seconds,
-        }
+        variants = {name: lam}
+        if eig.min().item() + lam <= 0:  # also shifted to positive definite
+            variants[f"{name}_shifted"] = lam - eig.min().item()
+        for variant, damping in variants.items():
+            damped = matrix + damping * torch.eye(flat.numel(), dtype=matrix.dtype)
+            scores[variant] = query_grads @ torch.linalg.solve(damped, train_grads.T)  # [Q, N]
+            result["matrices"][variant] = {
+                "damping": damping,
+                "min_eigenvalue": eig.min().item(),
+                "max_eigenvalue": eig.max().item(),
+                "indefinite_after_damping": bool(eig.min().item() + damping <= 0),
+                "seconds": seconds,
+            }
     result["scores"] = scores
     return result
 

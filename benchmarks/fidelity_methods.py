@@ -13,12 +13,15 @@ when training on z lowers the query's loss, score(q, z) ≈ ∇ℓ(q)ᵀ (G + λ
   (``damping_factor=None``), float32, on a copy of the model.
 - ``dattri-*``: dattri 0.3.0 with its defaults unless a default cannot run: TracIn on
   the final model (one checkpoint, weight 1, gradients randomly projected to 512
-  dimensions as dattri does by default), DataInf (regularization 0.01: dattri's default
-  0 divides by zero), TRAK with its default projection (512 dimensions) on one model
-  (``dattri-trak``) and on every given model (``dattri-trak-ensemble``). dattri returns
-  [n_train, n_query] with positive = helpful (it flips the ground truth, the loss, to
-  match), so its scores are transposed, not negated. TRAK measures the margin
-  log p − log(1 − p) (its own choice), a decreasing function of the loss.
+  dimensions as dattri does by default); DataInf (regularization 0.1, the value dattri
+  falls back to for None; its default 0 divides by zero); TRAK with its default
+  projection (512 dimensions) and regularization (0) on one model (``dattri-trak``) and
+  on every given model (``dattri-trak-ensemble``). TRAK's model output is its own
+  margin log p − log(1 − p) (p: the probability of the label, or of the whole
+  completion), a decreasing function of the loss. dattri returns [n_train, n_query]
+  with positive = helpful (its LDS flips the ground truth, the loss, to match), so its
+  scores are transposed, not negated; the report's correlation with excise's scores
+  checks the sign.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 BATCH_SIZE = 32
-DATAINF_REGULARIZATION = 0.01
+DATAINF_REGULARIZATION = 0.1  # dattri falls back to 0.1 for None; its default 0 divides by 0
 
 Method = Callable[[Any, Sequence[nn.Module]], torch.Tensor]
 
@@ -136,12 +139,21 @@ def kronfluence_ekfac(setting, models: Sequence[nn.Module]) -> torch.Tensor:
 # --- dattri ----------------------------------------------------------------------------
 
 
+def _dattri_copy(model: nn.Module) -> nn.Module:
+    """A copy in eval mode; a Hugging Face model with eager attention (``torch.func.vmap``
+    has no batching rule for the CPU SDPA kernel and falls back to a slow loop)."""
+    model = deepcopy(model).eval()
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    return model
+
+
 def _dattri_task(setting, models: Sequence[nn.Module], loss: Callable | None = None):
     """dattri's task on a copy of ``models[0]``, with every model as a checkpoint;
     ``loss(params, example)`` (default: the setting's per-example loss) is also the target."""
     from dattri.task import AttributionTask
 
-    model = deepcopy(models[0]).eval()
+    model = _dattri_copy(models[0])
     checkpoints = [deepcopy(m.state_dict()) for m in models]
     loss = loss or setting.dattri_loss(model)
     return AttributionTask(loss_func=loss, model=model, checkpoints=checkpoints), model
@@ -189,7 +201,7 @@ def dattri_datainf(setting, models: Sequence[nn.Module]) -> torch.Tensor:
 def _dattri_trak(setting, models: Sequence[nn.Module]) -> torch.Tensor:
     from dattri.algorithm.trak import TRAKAttributor
 
-    probe = deepcopy(models[0]).eval()
+    probe = _dattri_copy(models[0])
     per_example_loss = setting.dattri_loss(probe)
 
     def margin(params, data):  # TRAK's model output: log p − log(1 − p)
