@@ -163,7 +163,7 @@ def run_method(name: str, setting, models: Sequence[nn.Module]) -> tuple[dict, t
     previous = signal.signal(signal.SIGALRM, _out_of_time)
     signal.alarm(METHOD_TIMEOUT[0])
     try:
-        scores = METHODS[name](setting, models)
+        scores = METHODS[name](setting, models).detach()
         if scores.shape != (len(setting.queries), len(setting.train)):
             raise RuntimeError(f"scores of shape {list(scores.shape)}")
         if not torch.isfinite(scores).all():
@@ -465,31 +465,6 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     plan = QUICK if args.quick else FULL
     ensemble = args.ensemble or (QUICK_ENSEMBLE if args.quick else ENSEMBLE)
-    results = []
-    for name in args.setting_list:
-        if name == "exact":
-            results.append(benchmark_exact(args.method_list, args.cache))
-            continue
-        subsets = args.subsets or plan[name]["subsets"]
-        seeds = args.seeds or plan[name]["seeds"]
-        setting = make_setting(name, args)
-        results.append(
-            benchmark_setting(setting, args.method_list, subsets, seeds, ensemble, args.cache)
-        )
-    comparisons = {}
-    for r in results:
-        methods = r["methods"]
-        pairs = [
-            ("excise-ekfac", "kronfluence-ekfac"),
-            ("excise-ekfac-ensemble", "dattri-trak"),
-            ("excise-ekfac-ensemble", "dattri-trak-ensemble"),
-        ]
-        pairs += [("excise-ekfac", p) for p in ("dattri-tracin", "dattri-datainf", "dattri-trak")]
-        for a, b in pairs:
-            if a in methods and b in methods:
-                diff = paired_difference(methods[a], methods[b])
-                if diff:
-                    comparisons[f"{r['setting']}: {a} − {b}"] = diff
     command = "python -m benchmarks.fidelity " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
@@ -500,23 +475,50 @@ def main(argv: list[str] | None = None) -> int:
         "method_timeout_seconds": args.method_timeout,
         "memory_limit_gb": args.memory_gb,
         "machine": machine(args.threads),
-        "results": results,
-        "paired_differences": comparisons,
-        "wall_seconds": time.perf_counter() - started,
+        "results": [],
     }
+    folder = results_folder(args.results, args.quick)
+    for name in args.setting_list:
+        if name == "exact":
+            report["results"].append(benchmark_exact(args.method_list, args.cache))
+        else:
+            subsets = args.subsets or plan[name]["subsets"]
+            seeds = args.seeds or plan[name]["seeds"]
+            setting = make_setting(name, args)
+            report["results"].append(
+                benchmark_setting(setting, args.method_list, subsets, seeds, ensemble, args.cache)
+            )
+        report["wall_seconds"] = time.perf_counter() - started
+        table = finish(report, folder)  # after each setting, so a crash keeps what is done
+    print(table)
+    print(f"written to {folder} in {report['wall_seconds']:.0f} s", file=sys.stderr)
+    return 0
+
+
+def finish(report: dict[str, Any], folder: Path) -> str:
+    """Add the paired differences, write the JSON and the table; return the table."""
+    report["paired_differences"] = comparisons = {}
+    pairs = [
+        ("excise-ekfac", "kronfluence-ekfac"),
+        ("excise-ekfac-ensemble", "dattri-trak"),
+        ("excise-ekfac-ensemble", "dattri-trak-ensemble"),
+    ]
+    pairs += [("excise-ekfac", p) for p in ("dattri-tracin", "dattri-datainf", "dattri-trak")]
+    for r in report["results"]:
+        for a, b in pairs:
+            if a in r["methods"] and b in r["methods"]:
+                diff = paired_difference(r["methods"][a], r["methods"][b])
+                if diff:
+                    comparisons[f"{r['setting']}: {a} − {b}"] = diff
     table = markdown(report)
     if comparisons:
         table += "\nPaired LDS differences (mean ± stderr over the same queries):\n\n"
         table += "".join(
             f"- {k}: {v['mean']:+.3f} ± {v['stderr']:.3f}\n" for k, v in comparisons.items()
         )
-    folder = results_folder(args.results, args.quick)
-    write_report(
-        "fidelity", "Attribution fidelity: LDS and exact-influence agreement", report, table, folder
-    )
-    print(table)
-    print(f"written to {folder} in {report['wall_seconds']:.0f} s", file=sys.stderr)
-    return 0
+    title = "Attribution fidelity: LDS and exact-influence agreement"
+    write_report("fidelity", title, report, table, folder)
+    return table
 
 
 if __name__ == "__main__":

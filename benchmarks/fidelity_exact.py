@@ -94,7 +94,8 @@ def exact_scores(model: nn.Module, x_train, y_train, x_query, y_query) -> dict[s
             variants[f"{name}_shifted"] = lam - eig.min().item()
         for variant, damping in variants.items():
             damped = matrix + damping * torch.eye(flat.numel(), dtype=matrix.dtype)
-            scores[variant] = query_grads @ torch.linalg.solve(damped, train_grads.T)  # [Q, N]
+            solved = torch.linalg.solve(damped, train_grads.T)
+            scores[variant] = (query_grads @ solved).detach()  # [Q, N]
             result["matrices"][variant] = {
                 "damping": damping,
                 "min_eigenvalue": eig.min().item(),
@@ -116,7 +117,7 @@ def correlations(scores: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
     """Pearson and Spearman over all entries, and the mean per-query Spearman."""
     from scipy.stats import pearsonr, spearmanr
 
-    a, b = scores.double().numpy(), exact.double().numpy()
+    a, b = scores.detach().double().numpy(), exact.detach().double().numpy()
     per_query = [spearmanr(a[i], b[i]).statistic for i in range(a.shape[0])]
     return {
         "pearson": float(pearsonr(a.ravel(), b.ravel()).statistic),

@@ -21,7 +21,10 @@ when training on z lowers the query's loss, score(q, z) ≈ ∇ℓ(q)ᵀ (G + λ
   completion), a decreasing function of the loss. dattri returns [n_train, n_query]
   with positive = helpful (its LDS flips the ground truth, the loss, to match), so its
   scores are transposed, not negated; the report's correlation with excise's scores
-  checks the sign.
+  checks the sign. dattri's attributors run under ``torch.no_grad()`` (their
+  ``torch.func`` gradients are unaffected): without it their scores come back requiring
+  grad, and DataInf's memory grows with the autograd graph it keeps (past 2.7 GB on the
+  digits MLP, 16 GB on the tiny LM, before we stopped it).
 """
 
 from __future__ import annotations
@@ -165,6 +168,7 @@ def _loaders(setting, batch_size: int = BATCH_SIZE) -> tuple[DataLoader, DataLoa
     return train, query
 
 
+@torch.no_grad()  # dattri builds autograd graphs otherwise (see module docstring)
 def dattri_tracin(setting, models: Sequence[nn.Module]) -> torch.Tensor:
     from dattri.algorithm.tracin import TracInAttributor
 
@@ -180,6 +184,7 @@ def dattri_tracin(setting, models: Sequence[nn.Module]) -> torch.Tensor:
     return attributor.attribute(train, query).T.double()
 
 
+@torch.no_grad()  # dattri builds autograd graphs otherwise (see module docstring)
 def dattri_datainf(setting, models: Sequence[nn.Module]) -> torch.Tensor:
     from dattri.algorithm.influence_function import IFAttributorDataInf
 
@@ -198,6 +203,7 @@ def dattri_datainf(setting, models: Sequence[nn.Module]) -> torch.Tensor:
     return attributor.attribute(train, query).T.double()
 
 
+@torch.no_grad()  # dattri builds autograd graphs otherwise (see module docstring)
 def _dattri_trak(setting, models: Sequence[nn.Module]) -> torch.Tensor:
     from dattri.algorithm.trak import TRAKAttributor
 
