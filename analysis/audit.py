@@ -1,0 +1,427 @@
+"""The audit: every metric of a before/after (and optional reference) comparison, as one dict.
+
+:func:`audit` runs the metrics on each model and split and returns the report of schema
+``excise-audit/1`` — a plain JSON-serialisable dict (Python floats, lists, None) that
+:mod:`analysis.report` renders. Its sections:
+
+- ``metrics[split][role]``: probability, ROUGE-L recall, truth ratio, exact memorization
+  and extraction strength (each ``{"value", "per_example"}``) on forget, retain, neighbor
+  and world, for the models before and after unlearning and the reference model;
+- ``forget_quality[role]``: KS test of forget truth ratios against the reference model;
+- ``model_utility[role]``: harmonic mean of the utility components (retain and world);
+- ``membership``: LOSS, zlib, Min-K%, Min-K%++ on forget (members) vs holdout, ROC AUC and
+  curve per model, and MUSE's privleak against the reference model;
+- ``shift[split]``: per-record change in answer log-probability and token KL from before to
+  after, with bootstrap intervals and the most shifted records;
+- ``parameters``: per-tensor change (count, fraction, L2, bit-identical);
+- ``relearning``: how much of the forget set a few fine-tuning steps bring back;
+- ``headline``: the numbers a reader looks at first.
+
+The models are used on their own devices, in eval mode (their train/eval flags are restored
+afterwards), and never modified; relearning fine-tunes a deep copy. Inputs are checked
+first: :class:`AuditInputError` (an :class:`attribution.errors.InputError`) says what is
+wrong — a missing or empty split, a record with neither prompt/completion nor text, or
+models of different architectures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from analysis.membership import (
+    MIN_K,
+    answer_text,
+    attack_results,
+    attack_scores,
+    privleak_by_attack,
+)
+from analysis.memorization import TokenStatistics, memorization_metrics, token_statistics
+from analysis.relearning import LEARNING_RATE, STEPS, relearning_robustness
+from analysis.rouge import rouge_l_recall, unavailable
+from analysis.scoring import score_completions
+from analysis.shift import N_RESAMPLES, knowledge_shift, parameter_change
+from analysis.truth import (
+    answer_log_probs,
+    forget_quality,
+    forget_quality_unavailable,
+    truth_ratio_fields_missing,
+    truth_ratio_metric,
+)
+from analysis.utility import model_utility, normalised_probability_metric, probability_metric
+from attribution.artifacts import package_version
+from attribution.errors import InputError
+from attribution.fingerprint import model_fingerprint
+
+SCHEMA = "excise-audit/1"
+REQUIRED_SPLITS = ("forget", "retain")
+SPLITS = ("forget", "retain", "neighbor", "world", "holdout")
+METRIC_SPLITS = ("forget", "retain", "neighbor", "world")
+SHIFT_SPLITS = ("neighbor", "retain", "world", "forget")
+NORMALISED_SPLITS = ("world",)  # probability against the wrong answers (TOFU's world facts)
+
+
+class AuditInputError(InputError):
+    """The inputs of an audit are wrong (the message says what and how to fix it)."""
+
+
+class MissingSplitError(AuditInputError):
+    """A required split (forget, retain) was not given."""
+
+
+class UnknownSplitError(AuditInputError):
+    """A split name the audit does not know."""
+
+
+class EmptySplitError(AuditInputError):
+    """A split holds no records."""
+
+
+class BadRecordError(AuditInputError):
+    """A record has neither ``prompt``/``completion`` strings nor a ``text`` string."""
+
+
+class ArchitectureMismatchError(AuditInputError):
+    """Two models do not share an architecture (config class, parameter names or shapes)."""
+
+
+class TokenizerMismatchError(AuditInputError):
+    """Two tokenizers do not map text to the same ids."""
+
+
+def audit(
+    before: nn.Module,
+    after: nn.Module,
+    tokenizer: Any,
+    splits: Mapping[str, Sequence[Mapping[str, Any]]],
+    reference: nn.Module | None = None,
+    *,
+    paths: Mapping[str, str | None] | None = None,
+    split_hashes: Mapping[str, str | None] | None = None,
+    relearn_steps: int = STEPS,
+    relearn_lr: float = LEARNING_RATE,
+    seed: int = 0,
+    batch_size: int = 32,
+    min_k: float = MIN_K,
+    n_resamples: int = N_RESAMPLES,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """The ``excise-audit/1`` report of ``after`` (unlearned) against ``before`` (original).
+
+    ``splits`` maps names (forget and retain required; neighbor, world, holdout optional)
+    to records; ``reference`` is the model retrained without the forget set (forget quality
+    and privleak need it); ``paths`` (role → folder) and ``split_hashes`` (split → sha256)
+    are recorded as given. ``seed`` drives the bootstrap and relearning.
+    """
+    splits = check_splits(splits)
+    models = _check_models(before, after, reference)
+    options = {"batch_size": batch_size, "progress": progress}
+    with evaluating(*models.values()):
+        roles = {r: _role_metrics(m, tokenizer, splits, **options) for r, m in models.items()}
+        report = {
+            "schema": SCHEMA,
+            "excise_version": package_version(),
+            "created_utc": _utc_now(),
+            "models": _models_section(models, paths or {}),
+            "splits": {
+                s: {"n": len(r), "sha256": (split_hashes or {}).get(s)} for s, r in splits.items()
+            },
+            "metrics": {
+                s: {r: roles[r].metrics[s] for r in roles} for s in METRIC_SPLITS if s in splits
+            },
+            "forget_quality": _forget_quality_section(roles),
+            "model_utility": {r: model_utility(roles[r].metrics) for r in roles},
+            "membership": _membership_section(roles, splits, min_k),
+            "shift": {
+                s: knowledge_shift(
+                    before,
+                    after,
+                    tokenizer,
+                    splits[s],
+                    seed=seed,
+                    n_resamples=n_resamples,
+                    **options,
+                )
+                for s in SHIFT_SPLITS
+                if s in splits
+            },
+            "parameters": parameter_change(
+                dict(before.named_parameters()), dict(after.named_parameters())
+            ),
+            "relearning": relearning_robustness(
+                before,
+                after,
+                tokenizer,
+                splits["forget"],
+                steps=relearn_steps,
+                lr=relearn_lr,
+                seed=seed,
+                **options,
+            ),
+        }
+    report["headline"] = headline(report)
+    return report
+
+
+def _check_models(
+    before: nn.Module, after: nn.Module, reference: nn.Module | None
+) -> dict[str, nn.Module]:
+    """The models by role, after checking that they share the before model's architecture."""
+    models = {"before": before, "after": after}
+    if reference is not None:
+        models["reference"] = reference
+    for role, model in models.items():
+        if role != "before":
+            check_same_architecture(before, model, ("before", role))
+    return models
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class _RoleResult:
+    """One model's metrics per split, and the token statistics the attacks reuse."""
+
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stats: dict[str, TokenStatistics] = field(default_factory=dict)
+
+
+def _role_metrics(
+    model: nn.Module,
+    tokenizer: Any,
+    splits: Mapping[str, Sequence[Mapping[str, Any]]],
+    *,
+    batch_size: int,
+    progress: bool | None,
+) -> _RoleResult:
+    result = _RoleResult()
+    for name, records in splits.items():
+        stats = token_statistics(
+            model, tokenizer, records, batch_size=batch_size, progress=progress
+        )
+        result.stats[name] = stats
+        if name in METRIC_SPLITS:
+            result.metrics[name] = split_metrics(
+                model,
+                tokenizer,
+                name,
+                records,
+                stats=stats,
+                batch_size=batch_size,
+                progress=progress,
+            )
+    return result
+
+
+def split_metrics(
+    model: nn.Module,
+    tokenizer: Any,
+    split: str,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    stats: TokenStatistics | None = None,
+    batch_size: int = 32,
+    progress: bool | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The five metrics of one model on one split (``{"probability": {...}, ...}``).
+
+    The truth ratio uses the forget aggregate on the ``forget`` split; on ``world`` the
+    probability is normalised against the perturbed answers when the records have them.
+    """
+    options = {"batch_size": batch_size, "progress": progress}
+    scores = score_completions(model, tokenizer, records, **options)
+    out = {"probability": probability_metric(scores)}
+    reason = truth_ratio_fields_missing(records)
+    if reason is None:
+        paraphrased, perturbed = answer_log_probs(model, tokenizer, records, **options)
+        truth = truth_ratio_metric(paraphrased, perturbed, forget=split == "forget")
+        if split in NORMALISED_SPLITS:
+            out["probability"] = normalised_probability_metric(paraphrased, perturbed)
+    else:
+        truth = unavailable(reason)
+    out["rouge_l_recall"] = rouge_l_recall(model, tokenizer, records, **options)
+    out["truth_ratio"] = truth
+    stats = stats or token_statistics(model, tokenizer, records, **options)
+    out.update(memorization_metrics(stats))
+    return out
+
+
+def _models_section(
+    models: Mapping[str, nn.Module], paths: Mapping[str, str | None]
+) -> dict[str, Any]:
+    section: dict[str, Any] = {"reference": None}
+    for role, model in models.items():
+        path = paths.get(role)
+        section[role] = {
+            "path": None if path is None else str(path),
+            "fingerprint": model_fingerprint(model),
+        }
+    return section
+
+
+def _forget_quality_section(roles: Mapping[str, _RoleResult]) -> dict[str, Any]:
+    section = {}
+    reference = roles.get("reference")
+    for role in ("before", "after"):
+        truth = roles[role].metrics["forget"]["truth_ratio"]
+        n = len(truth["per_example"])
+        if reference is None:
+            section[role] = forget_quality_unavailable("no reference model", n)
+        elif truth["value"] is None:
+            section[role] = forget_quality_unavailable(f"no truth ratios: {truth['reason']}", n)
+        else:
+            ref = reference.metrics["forget"]["truth_ratio"]["per_example"]
+            section[role] = forget_quality(truth["per_example"], ref)
+    return section
+
+
+def _membership_section(
+    roles: Mapping[str, _RoleResult],
+    splits: Mapping[str, Sequence[Mapping[str, Any]]],
+    k: float = MIN_K,
+) -> dict[str, Any]:
+    if "holdout" not in splits:
+        return {"available": False, "reason": "no holdout split (non-members)", "privleak": None}
+    texts = {s: [answer_text(r) for r in splits[s]] for s in ("forget", "holdout")}
+    section: dict[str, Any] = {}
+    for role, result in roles.items():
+        members = attack_scores(result.stats["forget"], texts["forget"], k)
+        nonmembers = attack_scores(result.stats["holdout"], texts["holdout"], k)
+        section[role] = attack_results(members, nonmembers)
+    section["privleak"] = (
+        {r: privleak_by_attack(section[r], section["reference"]) for r in ("before", "after")}
+        if "reference" in roles
+        else None
+    )
+    section.update(available=True, reason=None)
+    return section
+
+
+def headline(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The first numbers a reader looks at, taken from the other sections."""
+    forget = report["metrics"]["forget"]
+    quality = report["forget_quality"]["after"]
+    shift, parameters = report["shift"], report["parameters"]
+    total = parameters["total_parameters"]
+    return {
+        "forget_quality": quality["p_value"] if quality["available"] else None,
+        "forget_probability_before": forget["before"]["probability"]["value"],
+        "forget_probability_after": forget["after"]["probability"]["value"],
+        "forget_probability_reference": (
+            forget["reference"]["probability"]["value"] if "reference" in forget else None
+        ),
+        "model_utility_before": report["model_utility"]["before"]["value"],
+        "model_utility_after": report["model_utility"]["after"]["value"],
+        "neighbor_log_prob_change": (
+            shift["neighbor"]["log_prob_change"]["mean"] if "neighbor" in shift else None
+        ),
+        "retain_log_prob_change": shift["retain"]["log_prob_change"]["mean"],
+        "changed_parameters_fraction": parameters["changed_parameters"] / total if total else 0.0,
+        "identical_tensors": parameters["identical_tensors"],
+        "total_tensors": parameters["total_tensors"],
+    }
+
+
+def check_splits(
+    splits: Mapping[str, Sequence[Mapping[str, Any]]],
+) -> dict[str, list[Mapping[str, Any]]]:
+    """The splits as lists, in the audit's order, after checking names, sizes and records."""
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise UnknownSplitError(f"unknown split(s) {unknown}; the audit knows {list(SPLITS)}")
+    missing = [s for s in REQUIRED_SPLITS if s not in splits]
+    if missing:
+        raise MissingSplitError(f"the audit needs the {' and '.join(missing)} split(s); none given")
+    checked = {}
+    for name in SPLITS:
+        if name not in splits:
+            continue
+        records = list(splits[name])
+        if not records:
+            raise EmptySplitError(f"the {name} split has no records; give at least one")
+        for index, record in enumerate(records):
+            _check_record(record, f"{name} split, record {index}")
+        checked[name] = records
+    return checked
+
+
+def _check_record(record: Any, where: str) -> None:
+    if not isinstance(record, Mapping):
+        raise BadRecordError(f"{where}: expected a mapping, got {type(record).__name__}")
+    has_pair = isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str)
+    if not (has_pair or isinstance(record.get("text"), str)):
+        raise BadRecordError(f"{where}: needs prompt and completion strings, or a text string")
+
+
+def check_same_architecture(
+    first: nn.Module, second: nn.Module, names: tuple[str, str] = ("first", "second")
+) -> None:
+    """Raise :class:`ArchitectureMismatchError` unless config class, names and shapes agree.
+
+    >>> check_same_architecture(nn.Linear(2, 3), nn.Linear(2, 3))
+    >>> try:
+    ...     check_same_architecture(nn.Linear(2, 3), nn.Linear(3, 3))
+    ... except ArchitectureMismatchError as err:
+    ...     print(err)  # doctest: +ELLIPSIS
+    the first and second models differ: parameter weight has shape (3, 2) vs (3, 3); ...
+    """
+    a, b = names
+    hint = "compare two versions of the same model"
+    config_a, config_b = getattr(first, "config", None), getattr(second, "config", None)
+    if type(config_a) is not type(config_b):
+        kinds = f"{type(config_a).__name__} vs {type(config_b).__name__}"
+        raise ArchitectureMismatchError(f"the {a} and {b} models differ: config {kinds}; {hint}")
+    shapes_a = {n: tuple(p.shape) for n, p in first.named_parameters()}
+    shapes_b = {n: tuple(p.shape) for n, p in second.named_parameters()}
+    only = sorted(set(shapes_a) ^ set(shapes_b))
+    if only:
+        raise ArchitectureMismatchError(
+            f"the {a} and {b} models differ: parameter {only[0]} is in one only "
+            f"({len(only)} such); {hint}"
+        )
+    for name, shape in shapes_a.items():
+        if shape != shapes_b[name]:
+            raise ArchitectureMismatchError(
+                f"the {a} and {b} models differ: parameter {name} has shape {shape} vs "
+                f"{shapes_b[name]}; {hint}"
+            )
+
+
+def check_same_tokenizer(
+    first: Any, second: Any, names: tuple[str, str] = ("first", "second")
+) -> None:
+    """Raise :class:`TokenizerMismatchError` unless vocabularies and special ids agree."""
+    a, b = names
+    for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        if getattr(first, attr, None) != getattr(second, attr, None):
+            raise TokenizerMismatchError(
+                f"the {a} and {b} tokenizers differ ({attr} {getattr(first, attr, None)} vs "
+                f"{getattr(second, attr, None)}); both models must use the same tokenizer"
+            )
+    if first.get_vocab() != second.get_vocab():
+        raise TokenizerMismatchError(
+            f"the {a} and {b} tokenizers have different vocabularies "
+            f"({len(first.get_vocab())} vs {len(second.get_vocab())} tokens); both models "
+            "must use the same tokenizer"
+        )
+
+
+@contextlib.contextmanager
+def evaluating(*models: nn.Module) -> Iterator[None]:
+    """Put models in eval mode for the block and restore each module's flag afterwards."""
+    flags = [[(m, m.training) for m in model.modules()] for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for pairs in flags:
+            for module, training in pairs:
+                module.training = training

@@ -1,0 +1,161 @@
+"""Exact memorization and extraction strength, from teacher-forced token statistics.
+
+For an answer y = (y₁…y_T) after a prompt x, teacher forcing gives at each answer token t
+the model's next-token distribution p(· | x, y<ₜ). With cₜ = [argmax p(· | x, y<ₜ) = yₜ]:
+
+- exact memorization (Tirumala et al.; TOFU/open-unlearning): EM = (1/T) Σₜ cₜ;
+- extraction strength (Carlini et al.; open-unlearning): ES = 1 − k/T, k the smallest
+  prefix length such that greedy decoding from x, y≤ₖ reproduces the rest y>ₖ.
+
+Greedy decoding from x, y≤ₖ reproduces y>ₖ exactly when every later token is the argmax
+under teacher forcing (greedy decoding feeds back exactly those tokens), so
+k = 1 + (the last t with cₜ = 0), or 0 when every cₜ = 1: one forward pass is enough.
+Answer tokens are the labelled tokens of :func:`attribution.data.encode_record` (the
+end-of-sequence token included, as in the loss).
+
+:func:`token_statistics` also returns what the membership attacks need: log p(yₜ) and
+the mean and standard deviation of log p(v) under the model's own distribution v ~ p.
+
+>>> exact_memorization_score([True, False, True, True])
+0.75
+>>> extraction_strength_score([True, False, True, True])  # k = 2 of T = 4
+0.5
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from attribution.data import IGNORE_INDEX, collate, encode_record, pad_token_id
+
+
+@dataclass(frozen=True)
+class TokenStatistics:
+    """Per record, one float64/bool array over its answer tokens (teacher forced).
+
+    ``log_prob``: log p(yₜ); ``correct``: argmax = yₜ; ``mean``/``std``: μₜ = Σᵥ p(v) log p(v)
+    and σₜ = sqrt(Σᵥ p(v) (log p(v))² − μₜ²), the moments of log p under v ~ p (Min-K%++).
+    """
+
+    log_prob: list[np.ndarray]
+    correct: list[np.ndarray]
+    mean: list[np.ndarray]
+    std: list[np.ndarray]
+
+
+@torch.no_grad()
+def token_statistics(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    batch_size: int = 32,
+    progress: bool | None = None,
+) -> TokenStatistics:
+    """Teacher-forced per-token statistics of every record's answer (model on its device)."""
+    device = next(model.parameters()).device
+    pad = pad_token_id(tokenizer)
+    encoded = [encode_record(tokenizer, r) for r in records]
+    out: dict[str, list[np.ndarray]] = {"log_prob": [], "correct": [], "mean": [], "std": []}
+    starts = range(0, len(encoded), batch_size)
+    for start in tqdm(starts, desc="token statistics", disable=_disabled(progress), leave=False):
+        batch = collate(encoded[start : start + batch_size], pad)
+        logits = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+        ).logits[:, :-1]  # position t predicts token t + 1
+        labels = batch["labels"][:, 1:].to(device)
+        for key, value in _batch_statistics(logits, labels).items():
+            out[key].extend(value)
+    return TokenStatistics(**out)
+
+
+def _batch_statistics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, list[np.ndarray]]:
+    """One array per row over its labelled positions (only those positions are computed)."""
+    mask = labels != IGNORE_INDEX  # [batch, seq]
+    counts = mask.sum(1).tolist()
+    target = labels[mask]  # [n]
+    selected = logits[mask]  # [n, vocab]
+    logp = torch.log_softmax(selected.float(), dim=-1)
+    p = logp.exp()
+    mean = (p * logp).sum(-1)
+    var = (p * logp.square()).sum(-1) - mean.square()
+    flat = {
+        "log_prob": logp.gather(-1, target[:, None])[:, 0].double(),
+        "correct": selected.argmax(-1) == target,
+        "mean": mean.double(),
+        "std": var.clamp(min=0).sqrt().double(),
+    }
+    return {key: [v.numpy() for v in value.cpu().split(counts)] for key, value in flat.items()}
+
+
+def exact_memorization_score(correct: Sequence[bool] | np.ndarray) -> float:
+    """EM = (1/T) Σₜ cₜ, the fraction of answer tokens that are the teacher-forced argmax."""
+    correct = np.asarray(correct, dtype=bool)
+    return float(correct.mean()) if correct.size else 0.0
+
+
+def extraction_strength_score(correct: Sequence[bool] | np.ndarray) -> float:
+    """ES = 1 − k/T, k = 1 + last index with cₜ = 0 (0 when all are correct).
+
+    >>> extraction_strength_score([True, True]), extraction_strength_score([True, False])
+    (1.0, 0.0)
+    """
+    correct = np.asarray(correct, dtype=bool)
+    if not correct.size:
+        return 0.0
+    wrong = np.flatnonzero(~correct)
+    k = 0 if wrong.size == 0 else int(wrong[-1]) + 1
+    return 1.0 - k / correct.size
+
+
+def memorization_metrics(stats: TokenStatistics) -> dict[str, dict[str, Any]]:
+    """``{"exact_memorization": {...}, "extraction_strength": {...}}`` (value = mean).
+
+    >>> stats = TokenStatistics([], [np.array([True, False]), np.array([True, True])], [], [])
+    >>> memorization_metrics(stats)["extraction_strength"]
+    {'value': 0.5, 'per_example': [0.0, 1.0]}
+    """
+    em = [exact_memorization_score(c) for c in stats.correct]
+    es = [extraction_strength_score(c) for c in stats.correct]
+    return {
+        "exact_memorization": {"value": float(np.mean(em)), "per_example": em},
+        "extraction_strength": {"value": float(np.mean(es)), "per_example": es},
+    }
+
+
+def exact_memorization(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    batch_size: int = 32,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """``{"value": mean EM, "per_example": [EM per record]}``."""
+    stats = token_statistics(model, tokenizer, records, batch_size=batch_size, progress=progress)
+    return memorization_metrics(stats)["exact_memorization"]
+
+
+def extraction_strength(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    batch_size: int = 32,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """``{"value": mean ES, "per_example": [ES per record]}``."""
+    stats = token_statistics(model, tokenizer, records, batch_size=batch_size, progress=progress)
+    return memorization_metrics(stats)["extraction_strength"]
+
+
+def _disabled(progress: bool | None) -> bool | None:
+    """tqdm's ``disable``: None hides the bar when not on a terminal."""
+    return None if progress is None else not progress

@@ -1,0 +1,199 @@
+"""ROUGE-L recall of greedy generations against the reference completion (TOFU).
+
+For a reference answer a (words a₁…aₙ) and a generation g (words g₁…gₘ),
+
+    rouge_l_recall(a, g) = LCS(a, g) / n,
+
+LCS the length of the longest common subsequence of the two word sequences. Words are
+the runs of letters, digits and underscores of the lower-cased text (``\\w+``), the
+tokenization of ``rouge_score`` without its stemmer; an answer with no word scores 0.
+
+The LCS runs as a numba kernel on integer word ids (the classic O(n·m) dynamic
+programme with two rows); :func:`lcs_length_reference` is the obvious pure-Python
+version the kernel is tested against.
+
+>>> rouge_l_recall_score("The capital is Paris.", "paris is the capital")
+0.5
+>>> lcs_length([1, 2, 3, 4], [2, 4, 3]), lcs_length_reference([1, 2, 3, 4], [2, 4, 3])
+(2, 2)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from attribution.data import IGNORE_INDEX, encode_record, pad_token_id
+
+EXTRA_TOKENS = 8  # generation budget beyond the reference's own token count
+_WORD = re.compile(r"\w+")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens of ``text``.
+
+    >>> words("Born in 1901, in Yrhalton!")
+    ['born', 'in', '1901', 'in', 'yrhalton']
+    """
+    return _WORD.findall(text.lower())
+
+
+@numba.njit
+def _lcs_kernel(a: np.ndarray, b: np.ndarray) -> int:  # pragma: no cover - compiled
+    """LCS length of two int64 arrays: L[i, j] = L[i-1, j-1] + 1 if aᵢ = bⱼ else max(...)."""
+    previous = np.zeros(b.shape[0] + 1, dtype=np.int64)
+    current = np.zeros(b.shape[0] + 1, dtype=np.int64)
+    for i in range(a.shape[0]):
+        for j in range(b.shape[0]):
+            if a[i] == b[j]:
+                current[j + 1] = previous[j] + 1
+            else:
+                current[j + 1] = max(previous[j + 1], current[j])
+        previous, current = current, previous
+    return previous[b.shape[0]]
+
+
+def lcs_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common subsequence of two integer sequences (numba).
+
+    >>> lcs_length([5, 1, 5], [1, 5, 5, 1])
+    2
+    """
+    return int(_lcs_kernel(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)))
+
+
+def lcs_length_reference(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """The obvious full-table dynamic programme, in pure Python (the test reference).
+
+    >>> lcs_length_reference("ABCBDAB", "BDCABA")
+    4
+    """
+    table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            table[i + 1][j + 1] = (
+                table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
+            )
+    return table[len(a)][len(b)]
+
+
+def rouge_l_recall_score(reference: str, generation: str) -> float:
+    """LCS(words(reference), words(generation)) / len(words(reference)); 0 without words.
+
+    >>> rouge_l_recall_score("a b c d", "a x c")
+    0.5
+    """
+    ref, gen = words(reference), words(generation)
+    if not ref:
+        return 0.0
+    ids: dict[str, int] = {}
+    ref_ids = [ids.setdefault(w, len(ids)) for w in ref]
+    gen_ids = [ids.setdefault(w, len(ids)) for w in gen]
+    return lcs_length(ref_ids, gen_ids) / len(ref)
+
+
+@torch.no_grad()
+def generate_completions(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    batch_size: int = 32,
+    extra_tokens: int = EXTRA_TOKENS,
+    progress: bool | None = None,
+) -> list[str]:
+    """Greedy completions of each record's ``prompt`` (decoded, special tokens dropped).
+
+    Each record may generate as many tokens as its reference completion has (end-of-
+    sequence included, as :func:`attribution.data.encode_record` labels them) plus
+    ``extra_tokens``; decoding stops at the end-of-sequence token. Prompts are left-padded
+    into batches (with the attention mask), so the result does not depend on
+    ``batch_size``; the tokenizer is not modified. The model runs on its own device.
+    """
+    device = next(model.parameters()).device
+    pad, eos = pad_token_id(tokenizer), tokenizer.eos_token_id
+    prompts = [list(tokenizer(r["prompt"])["input_ids"]) for r in records]
+    budgets = [_answer_tokens(tokenizer, r) + extra_tokens for r in records]
+    texts: list[str] = []
+    starts = range(0, len(records), batch_size)
+    for start in tqdm(starts, desc="generating", disable=_disabled(progress), leave=False):
+        chunk = prompts[start : start + batch_size]
+        input_ids, attention_mask = _left_pad(chunk, pad)
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max(budgets[start : start + batch_size]),
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
+        for row, budget in zip(
+            out[:, input_ids.shape[1] :].tolist(), budgets[start:], strict=False
+        ):
+            row = row[:budget]
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts
+
+
+def rouge_l_recall(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    batch_size: int = 32,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """``{"value": mean recall, "per_example": [...]}`` of greedy generations vs completions.
+
+    Records without a ``prompt`` and ``completion`` (``{"text"}`` records) cannot be
+    generated from: the metric is then ``{"value": None, "per_example": [], "reason"}``.
+    """
+    if not all("prompt" in r and "completion" in r for r in records):
+        return unavailable("ROUGE-L needs prompt/completion records")
+    generations = generate_completions(
+        model, tokenizer, records, batch_size=batch_size, progress=progress
+    )
+    scores = [
+        rouge_l_recall_score(r["completion"], g) for r, g in zip(records, generations, strict=True)
+    ]
+    return {"value": float(np.mean(scores)), "per_example": scores}
+
+
+def unavailable(reason: str) -> dict[str, Any]:
+    """The schema's marker of a metric that cannot be computed for a split."""
+    return {"value": None, "per_example": [], "reason": reason}
+
+
+def _answer_tokens(tokenizer: Any, record: Mapping[str, Any]) -> int:
+    labels = encode_record(tokenizer, record)["labels"]
+    return sum(label != IGNORE_INDEX for label in labels)
+
+
+def _left_pad(sequences: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask, so every prompt ends at the last column.
+
+    >>> ids, mask = _left_pad([[5, 6], [7]], 0)
+    >>> ids.tolist(), mask.tolist()
+    ([[5, 6], [0, 7]], [[1, 1], [0, 1]])
+    """
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def _disabled(progress: bool | None) -> bool | None:
+    """tqdm's ``disable``: None hides the bar when not on a terminal."""
+    return None if progress is None else not progress
