@@ -57,6 +57,7 @@ SUBSET_SEED = 10_000  # subset i is drawn with seed SUBSET_SEED + i
 FULL = {"digits": {"subsets": 100, "seeds": 3}, "world": {"subsets": 48, "seeds": 2}}
 QUICK = {"digits": {"subsets": 20, "seeds": 1}, "world": {"subsets": 10, "seeds": 1}}
 ENSEMBLE, QUICK_ENSEMBLE = 5, 3
+QUICK_SKIPS = ("dattri-datainf",)  # --quick leaves it out unless --methods names it
 ALL_SETTINGS = ("digits", "world", "exact")
 EXACT_HIDDEN = 32  # the exact-influence MLP: 64-32-10
 METHOD_TIMEOUT = [900]  # seconds one method may take (--method-timeout)
@@ -305,7 +306,7 @@ def _fmt(entry: dict) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """LDS table (setting × method), exact-agreement table, failures, notes."""
     lds_runs = [r for r in report["results"] if r["setting"] != "exact"]
-    names = list(dict.fromkeys(m for r in report["results"] for m in r["methods"]))
+    names = list(dict.fromkeys(m for r in lds_runs for m in r["methods"]))
     text = ""
     if lds_runs:
         head = "| method | " + " | ".join(f"{r['setting']} LDS | s" for r in lds_runs) + " |\n"
@@ -414,7 +415,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, help="retraining seeds per subset")
     parser.add_argument("--ensemble", type=int, help="full-data models the ensembles use")
     parser.add_argument("--settings", default=",".join(ALL_SETTINGS), help="digits,world,exact")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+    parser.add_argument(
+        "--methods", help="comma-separated (default: all; --quick leaves out dattri-datainf)"
+    )
     parser.add_argument("--no-peers", action="store_true", help="excise's methods only")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)"
@@ -430,6 +433,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.setting_list = [s.strip() for s in args.settings.split(",") if s.strip()]
     if not args.setting_list or any(s not in ALL_SETTINGS for s in args.setting_list):
         parser.error(f"--settings: choose from {', '.join(ALL_SETTINGS)}")
+    if args.methods is None:  # DataInf alone takes ~10 min on digits (see the README)
+        args.methods = ",".join(m for m in METHODS if not (args.quick and m in QUICK_SKIPS))
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.method_list if m not in METHODS]
     if unknown or not args.method_list:

@@ -162,9 +162,12 @@ def _dattri_task(setting, models: Sequence[nn.Module], loss: Callable | None = N
     return AttributionTask(loss_func=loss, model=model, checkpoints=checkpoints), model
 
 
-def _loaders(setting, batch_size: int = BATCH_SIZE) -> tuple[DataLoader, DataLoader]:
-    train = DataLoader(TensorDataset(*setting.tensors("train")), batch_size=batch_size)
-    query = DataLoader(TensorDataset(*setting.tensors("query")), batch_size=batch_size)
+def _loaders(setting) -> tuple[DataLoader, DataLoader]:
+    """Unshuffled loaders of the training and query tensors. (dattri's inner-product
+    attributors give the loss each example with a leading dimension of 1, TRAK without:
+    the settings' losses accept both.)"""
+    train = DataLoader(TensorDataset(*setting.tensors("train")), batch_size=BATCH_SIZE)
+    query = DataLoader(TensorDataset(*setting.tensors("query")), batch_size=BATCH_SIZE)
     return train, query
 
 
@@ -196,10 +199,7 @@ def dattri_datainf(setting, models: Sequence[nn.Module]) -> torch.Tensor:
         regularization=DATAINF_REGULARIZATION,
     )
     train, query = _loaders(setting)
-    # dattri's DataInf cache treats each loader batch as one example (it unsqueezes the
-    # batch), so the Fisher estimate needs a loader of single examples
-    single, _ = _loaders(setting, batch_size=1)
-    attributor.cache(single)
+    attributor.cache(train)
     return attributor.attribute(train, query).T.double()
 
 

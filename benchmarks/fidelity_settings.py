@@ -194,7 +194,7 @@ class DigitsSetting:
     def dattri_loss(self, model: nn.Module):
         """Per-example cross-entropy ``loss(params, (x, y))`` for ``torch.func``."""
 
-        def loss(params, data):  # (dattri's DataInf cache passes [1, d] examples: reshape)
+        def loss(params, data):  # (dattri's IF attributors pass [1, d] examples)
             x, y = data
             logits = torch.func.functional_call(model, params, (x.reshape(-1, x.shape[-1]),))
             return F.cross_entropy(logits, y.reshape(-1))
@@ -310,7 +310,7 @@ class WorldSetting:
         never changes the outputs at real tokens (as excise's ``torch.func`` reference).
         """
 
-        def loss(params, data):  # (dattri's DataInf cache passes [1, L] examples: reshape)
+        def loss(params, data):  # (dattri's IF attributors pass [1, L])
             ids, _, labels = data
             ids, labels = ids.reshape(-1, ids.shape[-1]), labels.reshape(-1, labels.shape[-1])
             out = torch.func.functional_call(model, params, (), {"input_ids": ids})
