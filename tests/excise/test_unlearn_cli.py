@@ -1,0 +1,171 @@
+"""``excise unlearn``: a new model folder, the scope, a manifest that proves the scope held.
+
+Bad input (empty forget set, forget = retain, sparsity outside (0, 1], unknown method or
+scope, factors for another model, an --out that is an input) exits 2 with one line and
+writes nothing; the input model folder is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from attribution.artifacts import sha256_file
+from excise.cli import main
+from unlearn import Scope
+
+
+def folder_hashes(folder):
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def unlearn_cli(world, out, *extra, forget=None, retain=None, model=None):
+    return main(
+        [
+            "unlearn",
+            "--model",
+            str(model or world / "base"),
+            "--forget",
+            str(forget or world / "forget.jsonl"),
+            "--retain",
+            str(retain or world / "retain.jsonl"),
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--quiet",
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def edited(tiny_world, tmp_path_factory):
+    """One ekfac-scoped NPO run through the command line; the base folder's hashes before."""
+    before = folder_hashes(tiny_world / "base")
+    out = tmp_path_factory.mktemp("unlearn") / "out"
+    assert unlearn_cli(tiny_world, out, "--sparsity", "0.05") == 0
+    return out, before
+
+
+def test_writes_model_scope_and_manifest(edited, tiny_world):
+    out, before = edited
+    assert (out / "model" / "config.json").is_file()
+    assert (out / "model" / "model.safetensors").is_file()
+    assert (out / "model" / "tokenizer.json").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["schema"] == "excise-unlearn/1"
+    assert manifest["method"] == "npo" and manifest["scope"]["method"] == "ekfac"
+    assert manifest["scope"]["fraction"] == pytest.approx(0.05, abs=1e-4)
+    assert manifest["inputs"]["forget"]["sha256"] == sha256_file(tiny_world / "forget.jsonl")
+    assert manifest["result"]["steps_run"] == 3
+    proof = manifest["proof"]
+    assert proof["out_of_scope_identical"] == proof["out_of_scope_tensors"]
+    assert folder_hashes(tiny_world / "base") == before  # the input is untouched
+
+
+def test_reloaded_model_equals_the_input_outside_the_scope(edited, tiny_world):
+    out, _ = edited
+    original = load_file(tiny_world / "base" / "model.safetensors")
+    unlearned = load_file(out / "model" / "model.safetensors")
+    scope = Scope.load(out / "scope.safetensors")
+    assert original.keys() == unlearned.keys()
+    moved = 0
+    for name, tensor in original.items():
+        mask = scope.masks.get(name, torch.zeros_like(tensor, dtype=torch.bool))
+        changed = tensor != unlearned[name]
+        assert not (changed & ~mask).any(), name
+        moved += int(changed.sum())
+    assert moved > 0
+
+
+def test_factors_are_saved_and_reused_but_not_for_another_model(edited, tiny_world, tmp_path):
+    out, _ = edited
+    assert unlearn_cli(tiny_world, tmp_path / "again", "--factors", str(out / "factors")) == 0
+    code = unlearn_cli(
+        tiny_world,
+        tmp_path / "other",
+        "--factors",
+        str(out / "factors"),
+        model=tiny_world / "reference",
+    )
+    assert code == 2
+    assert not (tmp_path / "other").exists()
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("empty_forget", "no records"),
+        ("same_sets", "identical"),
+        ("sparsity_zero", "sparsity"),
+        ("sparsity_above_one", "sparsity"),
+        ("unknown_method", "invalid choice"),
+        ("unknown_scope", "invalid choice"),
+        ("out_is_model", "must be a new folder"),
+        ("out_inside_model", "must be a new folder"),
+        ("missing_forget", "no such file"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(
+    tiny_world, tmp_path, capsys, case, message
+):
+    before = folder_hashes(tiny_world / "base")
+    out, extra, files = tmp_path / "out", [], {}
+    if case == "empty_forget":
+        files["forget"] = write_jsonl(tmp_path / "empty.jsonl", [])
+    elif case == "same_sets":
+        files["retain"] = tiny_world / "forget.jsonl"
+    elif case == "sparsity_zero":
+        extra = ["--sparsity", "0"]
+    elif case == "sparsity_above_one":
+        extra = ["--sparsity", "1.5"]
+    elif case == "unknown_method":
+        extra = ["--method", "forgetall"]
+    elif case == "unknown_scope":
+        extra = ["--scope", "everything"]
+    elif case == "out_is_model":
+        out = tiny_world / "base"
+    elif case == "out_inside_model":
+        out = tiny_world / "base" / "edited"
+    elif case == "missing_forget":
+        files["forget"] = tmp_path / "nope.jsonl"
+    try:
+        code = unlearn_cli(tiny_world, out, *extra, **files)
+    except SystemExit as exit_:  # argparse's usage errors
+        code = exit_.code
+    assert code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], lines
+    assert "Traceback" not in lines[0]
+    assert not (tmp_path / "out").exists()
+    assert not (tiny_world / "base" / "edited").exists()
+    assert folder_hashes(tiny_world / "base") == before
+
+
+@pytest.mark.parametrize("method", ["gd", "newton"])
+def test_a_local_gpt2_folder_with_tied_embeddings(tiny_world, world_tokenizer, tmp_path, method):
+    """Another architecture (Conv1D, tied input/output embeddings) through the same command."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(world_tokenizer), n_embd=32, n_layer=2, n_head=2)
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    world_tokenizer.save_pretrained(folder)
+    out = tmp_path / "out"
+    extra = ["--method", method, "--scope", "ekfac", "--ranking", "per_tensor"]
+    assert unlearn_cli(tiny_world, out, *extra, "--retain-budget", "5", model=folder) == 0
+    proof = json.loads((out / "manifest.json").read_text())["proof"]
+    assert proof["out_of_scope_identical"] == proof["out_of_scope_tensors"] > 0
+    original = load_file(folder / "model.safetensors")
+    unlearned = load_file(out / "model" / "model.safetensors")
+    assert any(not torch.equal(original[n], unlearned[n]) for n in original)
