@@ -1,9 +1,73 @@
 """analysis: what changed — forget and utility metrics, knowledge shift, audit reports.
 
-This release holds teacher-forced completion scoring (:mod:`analysis.scoring`), the
-building block of the metrics; the rest arrives with the audit issue.
+:func:`audit` compares a model before and after unlearning (and, optionally, a reference
+model retrained without the forget set) on the forget, retain, neighbor, world and holdout
+splits, and returns one plain dict of schema ``excise-audit/1``: TOFU's probability,
+ROUGE-L recall, truth ratio, forget quality and model utility; exact memorization and
+extraction strength; membership inference (LOSS, zlib, Min-K%, Min-K%++, privleak);
+knowledge shift with bootstrap intervals; per-tensor parameter change; relearning
+robustness. :func:`write_report` renders it as ``report.json``, a self-contained
+``report.html`` and ``report.md``. :class:`Ledger` is the append-only, hash-chained SQLite
+record of the deletion requests processed. Each metric is also a function of its own.
+
+>>> from analysis import harmonic_mean, privleak
+>>> harmonic_mean([0.5, 1.0]), privleak(0.75, 0.5)
+(0.6666666666666666, 50.0)
 """
 
+from analysis.audit import (
+    ArchitectureMismatchError,
+    AuditInputError,
+    TokenizerMismatchError,
+    audit,
+    check_same_architecture,
+    check_same_tokenizer,
+    split_metrics,
+)
+from analysis.ledger import Ledger, LedgerEntry, LedgerError, default_ledger_path
+from analysis.membership import membership_inference, privleak
+from analysis.memorization import exact_memorization, extraction_strength
+from analysis.relearning import relearning_robustness
+from analysis.report import ReportError, ReportPaths, render_html, render_markdown, write_report
+from analysis.rouge import rouge_l_recall
 from analysis.scoring import CompletionScores, score_completions
+from analysis.shift import knowledge_shift, parameter_change
+from analysis.truth import forget_quality, truth_ratio
+from analysis.utility import harmonic_mean, model_utility
 
-__all__ = ["CompletionScores", "score_completions"]
+__all__ = [
+    # the audit and its report
+    "audit",
+    "split_metrics",
+    "write_report",
+    "render_html",
+    "render_markdown",
+    "ReportPaths",
+    # the deletion ledger
+    "Ledger",
+    "LedgerEntry",
+    "default_ledger_path",
+    # metrics
+    "score_completions",
+    "CompletionScores",
+    "truth_ratio",
+    "forget_quality",
+    "rouge_l_recall",
+    "model_utility",
+    "harmonic_mean",
+    "exact_memorization",
+    "extraction_strength",
+    "membership_inference",
+    "privleak",
+    "knowledge_shift",
+    "parameter_change",
+    "relearning_robustness",
+    # checks and errors
+    "check_same_architecture",
+    "check_same_tokenizer",
+    "AuditInputError",
+    "ArchitectureMismatchError",
+    "TokenizerMismatchError",
+    "ReportError",
+    "LedgerError",
+]

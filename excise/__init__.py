@@ -6,8 +6,11 @@ files (:mod:`excise.records`, :mod:`excise.models`) and the embedded default wor
 The libraries it drives are :mod:`attribution`, :mod:`unlearn` and :mod:`analysis`.
 """
 
-from attribution.artifacts import package_version
+from importlib.metadata import PackageNotFoundError, version
 
-__version__ = package_version()
+try:  # as attribution.artifacts.package_version, without importing torch for --version
+    __version__ = version("excise")
+except PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0.0.0+unknown"
 
 __all__ = ["__version__"]

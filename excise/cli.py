@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from attribution.errors import InputError
 from excise import __version__
-from excise.errors import BadInputError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 LIBRARY_LOGGERS = ("excise", "attribution", "unlearn", "analysis")
 PLANNED = {  # commands whose issues have not landed yet
-    "audit": "compare a model before/after: forget efficacy, utility, shift, MIA, robustness",
     "forget": "the main job, end to end: attribute -> scope -> unlearn -> audit",
-    "ledger": "the deletion requests processed so far and their evidence",
 }
 
 
@@ -34,6 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and args.command not in PLANNED:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _configure_logging(quiet=args.quiet)
+    from attribution.errors import InputError  # imports torch: not before --version
+
     try:
         return args.handler(args)
     except InputError as err:  # every layer's user-input errors
@@ -42,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"excise {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (excise ledger list | head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_INTERNAL
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_unlearn_arguments(unl)
     unl.set_defaults(handler=_run_unlearn)
+
+    aud = commands.add_parser(
+        "audit",
+        parents=[common],
+        help="compare a model before/after: forget efficacy, utility, shift, MIA, robustness",
+    )
+    _add_audit_arguments(aud)
+    aud.set_defaults(handler=_run_audit)
+
+    _add_ledger_parser(commands, common)
 
     for name, summary in PLANNED.items():
         planned = commands.add_parser(name, parents=[common], help=f"{summary} (not built yet)")
@@ -233,8 +246,85 @@ def _run_unlearn(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The models, the split files, --out and the audit's options."""
+    parser.add_argument("--before", required=True, help="the model before unlearning")
+    parser.add_argument("--after", required=True, help="the model after unlearning")
+    parser.add_argument(
+        "--reference", help="a model retrained without the forget set (forget quality, privleak)"
+    )
+    parser.add_argument("--forget", required=True, help="the examples that were forgotten")
+    parser.add_argument("--retain", required=True, help="examples whose knowledge to keep")
+    parser.add_argument("--neighbor", help="out of scope but close to the forget set")
+    parser.add_argument("--world", help="general knowledge (model utility)")
+    parser.add_argument("--holdout", help="never trained on (membership inference)")
+    parser.add_argument(
+        "--out", required=True, help="output folder (created; an earlier audit is replaced)"
+    )
+    _add_relearn_arguments(parser)
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="sequences per pass (default 32)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+
+
+def _add_relearn_arguments(parser: argparse.ArgumentParser) -> None:
+    """The relearning probe's options (analysis.relearning's STEPS and LEARNING_RATE)."""
+    parser.add_argument(
+        "--relearn-steps",
+        type=int,
+        default=10,
+        help="fine-tuning steps of the relearning probe; 0 skips it (default 10)",
+    )
+    parser.add_argument(
+        "--relearn-lr", type=float, default=1e-3, help="its learning rate (default 1e-3)"
+    )
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    from analysis.report import headline_rows
+    from excise import audit
+
+    result = audit.run(args)
+    if not args.quiet:
+        print(f"excise audit: {result['paths'].html}", file=sys.stderr)
+        for measure, value, _ in headline_rows(result["report"]):
+            print(f"  {measure}: {value}", file=sys.stderr)
+    print(result["out"])
+    return EXIT_OK
+
+
+def _add_ledger_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    """``excise ledger list | show ID | verify``, each with --ledger PATH."""
+    ledger = commands.add_parser(
+        "ledger", help="the deletion requests processed so far and their evidence"
+    )
+    actions = ledger.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")
+    where = _Parser(add_help=False)
+    where.add_argument("--ledger", help="the ledger file (default: $EXCISE_HOME/ledger.sqlite)")
+    listing = actions.add_parser(
+        "list", parents=[common, where], help="one line per request, oldest first"
+    )
+    listing.add_argument("--json", action="store_true", help="JSON lines, every field")
+    show = actions.add_parser("show", parents=[common, where], help="every field of one request")
+    show.add_argument("id", help="the request id (see excise ledger list)")
+    show.add_argument("--json", action="store_true", help="as JSON")
+    actions.add_parser(
+        "verify", parents=[common, where], help="check the hash chain of every request"
+    )
+    ledger.set_defaults(handler=_run_ledger)
+
+
+def _run_ledger(args: argparse.Namespace) -> int:
+    from excise import ledger
+
+    return ledger.run(args)
+
+
 def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
+        from excise.errors import BadInputError
+
         raise BadInputError(f"'excise {name}' is not built yet in excise {__version__}")
 
     return handler

@@ -37,6 +37,18 @@ def test_version():
     assert result.stdout.strip() == f"excise {__version__}"
 
 
+def test_version_does_not_import_torch():
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "excise", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
+    assert "excise" in imported and "torch" not in imported
+
+
 def test_world_reuse_prints_the_folder(tiny_world):
     home = tiny_world.parent.parent
     result = run_cli("world", "--size", "tiny", env={"EXCISE_HOME": str(home)})
@@ -67,6 +79,16 @@ def test_world_out_that_is_a_file_is_refused(tmp_path):
 def test_planned_commands_say_not_built_yet(command, capsys):
     assert main([command, "--model", "m", "--seed", "3"]) == 2
     assert "not built yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["audit", "ledger"])
+def test_built_commands_are_no_longer_planned(command, capsys):
+    assert command not in PLANNED
+    with pytest.raises(SystemExit) as exit_:  # a usage error: required arguments missing
+        main([command])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "the following arguments are required" in err and "not built" not in err
 
 
 def test_unknown_size_is_a_usage_error():
