@@ -13,24 +13,20 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from excise import __version__
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 LIBRARY_LOGGERS = ("excise", "attribution", "unlearn", "analysis")
-PLANNED = {  # commands whose issues have not landed yet
-    "forget": "the main job, end to end: attribute -> scope -> unlearn -> audit",
-}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in PLANNED:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parser.parse_args(argv)
     _configure_logging(quiet=args.quiet)
     from attribution.errors import InputError  # imports torch: not before --version
 
@@ -104,9 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_ledger_parser(commands, common)
 
-    for name, summary in PLANNED.items():
-        planned = commands.add_parser(name, parents=[common], help=f"{summary} (not built yet)")
-        planned.set_defaults(handler=_not_built(name))
+    fgt = commands.add_parser(
+        "forget",
+        parents=[common],
+        help="the main job, end to end: attribute -> scope -> unlearn -> audit -> ledger",
+    )
+    _add_forget_arguments(fgt)
+    fgt.set_defaults(handler=_run_forget)
     return parser
 
 
@@ -321,13 +321,61 @@ def _run_ledger(args: argparse.Namespace) -> int:
     return ledger.run(args)
 
 
-def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        from excise.errors import BadInputError
+def _add_forget_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the data come from (nothing: the embedded world), then the unlearning options."""
+    parser.add_argument("--model", help="local Hugging Face causal-LM folder (default: the world)")
+    parser.add_argument("--forget", help="the examples to forget")
+    parser.add_argument("--retain", help="examples whose knowledge to keep")
+    parser.add_argument(
+        "--train", help="the training set to attribute over (default: forget + retain)"
+    )
+    parser.add_argument("--neighbor", help="out of scope but close to the forget set (audit)")
+    parser.add_argument("--world", help="general knowledge (audit: model utility)")
+    parser.add_argument("--holdout", help="never trained on (audit: membership inference)")
+    parser.add_argument(
+        "--size",
+        choices=("tiny", "default"),
+        default="default",
+        help="the embedded world used when no data are named (default: default)",
+    )
+    parser.add_argument(
+        "--out", help="output folder, must not exist (default: $EXCISE_HOME/runs/forget-TIME)"
+    )
+    parser.add_argument("--ledger", help="the ledger file (default: $EXCISE_HOME/ledger.sqlite)")
+    _add_unlearn_arguments(parser, data=False)
+    _add_relearn_arguments(parser)
 
-        raise BadInputError(f"'excise {name}' is not built yet in excise {__version__}")
 
-    return handler
+def _run_forget(args: argparse.Namespace) -> int:
+    from analysis.report import headline_rows
+    from excise import forget
+
+    def note(message: str) -> None:
+        if not args.quiet:
+            print(f"excise forget: {message}", file=sys.stderr)
+
+    summary = forget.run(args, note)
+    attribution, unlearning = summary["attribution"], summary["unlearning"]
+    scope = unlearning["scope"]
+    print(
+        f"attribution: {attribution['precision']:.0%} of the top-{attribution['top_k']} "
+        f"proponents of the forget records are forget records (chance "
+        f"{attribution['chance']:.0%})"
+    )
+    print(
+        f"unlearning: {unlearning['method']} in the {scope['method']} scope, "
+        f"{scope['edited']:,} of {scope['total']:,} parameters; {unlearning['steps_run']} "
+        f"steps ({unlearning['stopped']}); {unlearning['out_of_scope_identical']}/"
+        f"{unlearning['out_of_scope_tensors']} out-of-scope tensors bit-identical"
+    )
+    rows = [(m, v) for m, v, _ in headline_rows(summary["report"])]
+    width = max(len(m) for m, _ in rows)
+    for measure, value in rows:
+        print(f"  {measure:<{width}}  {value}")
+    seconds = sum(summary["timings"].values())
+    print(f"ledger: request {summary['ledger_id']} in {summary['ledger']} ({seconds:.0f} s)")
+    print(f"report: {Path(summary['out']) / 'report.html'}")
+    return EXIT_OK
 
 
 def _configure_logging(quiet: bool) -> None:

@@ -1,0 +1,373 @@
+"""``excise forget``: the main job — attribute, scope, unlearn, audit, record.
+
+With no model or data named, it runs on the embedded default world (built into the cache
+on first use): the base model, its forget/retain/neighbor/world/holdout splits and the
+reference model retrained without the forget set. With ``--model --forget --retain`` it
+runs on the user's files. The stages:
+
+1. attribute — EK-FAC factors on the training set, influence of every training example
+   on every forget record, top-k proponents (how many of them are forget records);
+2. scope — the ``ekfac`` scope (or another) from those factors;
+3. unlearn — the masked loop inside the scope, proof that nothing else moved;
+4. audit — every metric of :func:`analysis.audit` against the model before (and the
+   reference, when there is one), written as report.json/report.html/report.md;
+5. record — one row in the deletion ledger (SQLite).
+
+Writes (atomically; inputs never touched)::
+
+    OUT/attribution/   factors/, scores/, topk.jsonl, summary.md
+    OUT/unlearn/       model/, scope.safetensors, manifest.json
+    OUT/report.json  OUT/report.html  OUT/report.md
+    OUT/forget.json    inputs, stage timings, attribution and unlearning summaries
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from analysis.audit import audit, check_same_architecture, check_same_tokenizer, check_splits
+from analysis.ledger import Ledger, LedgerEntry, default_ledger_path
+from analysis.report import write_report
+from attribution import FactorArguments, LanguageModelingTask, fit_factors
+from attribution.artifacts import atomic_directory, package_version, sha256_file, write_json
+from attribution.influence import ScoreArguments, stored_pairwise_scores
+from attribution.store import FactorStore
+from excise.attribute import choose_device, summary_markdown, topk_rows
+from excise.errors import BadInputError
+from excise.home import excise_home
+from excise.ledger import entry_from_report
+from excise.models import check_model_folder, load_model
+from excise.records import read_records
+from excise.unlearn import arguments_from, check_new_output, edit_model, write_outputs
+from unlearn import check_sets
+
+KIND = "forget"
+SCHEMA = "excise-forget/1"
+EVALUATION_SPLITS = ("neighbor", "world", "holdout")
+TOP_K = 5
+
+
+@dataclass
+class ForgetInputs:
+    """What one ``excise forget`` run works on: folders, files and their records."""
+
+    model: Path
+    reference: Path | None
+    files: dict[str, Path | None]  # split → file (None: built from other splits)
+    records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    world: Path | None = None  # the embedded world's folder, when it is used
+
+    @property
+    def splits(self) -> dict[str, list[dict[str, Any]]]:
+        """The audit's splits (every split but the training set)."""
+        return {name: r for name, r in self.records.items() if name != "train"}
+
+
+def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Validate everything, run the five stages, record the request; returns the summary."""
+    scope_arguments, unlearn_arguments = arguments_from(args)
+    inputs = resolve_inputs(args, note)
+    ledger = Ledger(args.ledger or default_ledger_path())
+    out = check_new_output(args.out or _default_out(), _input_paths(inputs))
+    device = choose_device(args.device)
+    model, tokenizer = load_model(inputs.model)
+    reference = _load_reference(inputs.reference, model, tokenizer)
+    factors = FactorStore.load_factors(args.factors, model) if args.factors else None
+    model.to(device)
+    if reference is not None:
+        reference.to(device)
+    progress = False if args.quiet else None
+    timings: dict[str, float] = {}
+    with atomic_directory(out, KIND) as folder:
+        task = LanguageModelingTask(tokenizer)
+        with _timed(timings, "attribute", note):
+            factors, attribution = attribute(
+                model, task, inputs, folder / "attribution", factors, progress
+            )
+        factor_path = args.factors or str(out / "attribution" / "factors")
+        with _timed(timings, "scope + unlearn", note):
+            edited = copy.deepcopy(model)
+            started = time.perf_counter()
+            result = edit_model(
+                edited,
+                tokenizer,
+                inputs.records["forget"],
+                inputs.records["retain"],
+                scope_arguments,
+                unlearn_arguments,
+                factors=factors,
+                reference=inputs.reference,
+                progress=progress,
+            )
+            (folder / "unlearn").mkdir()
+            manifest = write_outputs(
+                folder / "unlearn",
+                edited,
+                tokenizer,
+                result,
+                _unlearn_inputs(inputs, result["fingerprint_before"], factor_path),
+                args.seed,
+                started,
+            )
+        with _timed(timings, "audit", note):
+            report = audit(
+                model,
+                edited,
+                tokenizer,
+                inputs.splits,
+                reference,
+                paths=_audit_paths(inputs, out),
+                split_hashes=_split_hashes(inputs),
+                relearn_steps=args.relearn_steps,
+                relearn_lr=args.relearn_lr,
+                seed=args.seed,
+                progress=progress,
+            )
+            write_report(report, folder)
+        summary = _summary(inputs, attribution, manifest, report, timings, args.seed, out)
+        write_json(folder / "forget.json", summary)
+    with _timed(timings, "record", note):
+        entry = ledger.record(_ledger_entry(manifest, report, inputs, out))
+    summary.update(ledger_id=entry, ledger=str(ledger.path), report=report, timings=timings)
+    return summary
+
+
+def resolve_inputs(args: argparse.Namespace, note: Callable[[str], None]) -> ForgetInputs:
+    """The default world when nothing is named, else the user's files; records read."""
+    named = {k: getattr(args, k) for k in ("model", "forget", "retain")}
+    extra = ("train", "neighbor", "world", "holdout", "reference")
+    if not any(named.values()) and not any(getattr(args, k) for k in extra):
+        inputs = _world_inputs(args.size, note, progress=False if args.quiet else None)
+    elif all(named.values()):
+        inputs = ForgetInputs(
+            model=check_model_folder(args.model),
+            reference=check_model_folder(args.reference) if args.reference else None,
+            files={k: Path(getattr(args, k)) if getattr(args, k) else None for k in _FILES},
+        )
+    else:
+        missing = [f"--{k}" for k, v in named.items() if not v]
+        raise BadInputError(
+            f"{', '.join(missing)} missing: give --model, --forget and --retain together "
+            "(or none of them, for the embedded world)"
+        )
+    for name, path in inputs.files.items():
+        if path is not None:
+            inputs.records[name] = read_records(path)
+    check_splits({k: v for k, v in inputs.records.items() if k != "train"})
+    check_sets(inputs.records["forget"], inputs.records["retain"])
+    if "train" not in inputs.records:  # the forget and retain sets are training data
+        inputs.records["train"] = inputs.records["forget"] + inputs.records["retain"]
+    _check_unique_train_ids(inputs.records["train"])
+    return inputs
+
+
+_FILES = ("train", "forget", "retain", "neighbor", "world", "holdout")
+
+
+def _world_inputs(size: str, note: Callable[[str], None], progress: bool | None) -> ForgetInputs:
+    from excise.world import PRESETS, build_world
+    from excise.world.build import TRAINED_ON
+
+    folder, built = build_world(PRESETS[size](), progress=progress)
+    note(f"{'built' if built else 'using'} the embedded {size} world: {folder}")
+    inputs = ForgetInputs(
+        model=folder / "base",
+        reference=folder / "reference",
+        files={s: folder / f"{s}.jsonl" for s in ("forget", "retain", *EVALUATION_SPLITS)},
+        world=folder,
+    )
+    inputs.records["train"] = [
+        record for split in TRAINED_ON["base"] for record in read_records(folder / f"{split}.jsonl")
+    ]
+    return inputs
+
+
+def attribute(
+    model, task, inputs: ForgetInputs, folder: Path, factors=None, progress=None
+) -> tuple[Any, dict]:
+    """EK-FAC factors on the training set (unless given); forget records' top-k proponents.
+
+    Writes ``folder``/factors (when fitted here), scores/, topk.jsonl and summary.md.
+    """
+    train, forget = inputs.records["train"], inputs.records["forget"]
+    if factors is None:
+        arguments = FactorArguments(strategy="ekfac")
+        factors = fit_factors(model, task, train, arguments, folder / "factors", progress)
+    folder.mkdir(exist_ok=True)
+    ids = {"query_ids": [q["id"] for q in forget], "train_ids": [z["id"] for z in train]}
+    scores = stored_pairwise_scores(
+        model, task, forget, train, factors, folder / "scores", ScoreArguments(), ids, progress
+    )
+    k = min(TOP_K, len(train))
+    rows = topk_rows(scores.total, forget, train, k)
+    (folder / "topk.jsonl").write_text("".join(_json_line(row) for row in rows), encoding="utf-8")
+    described = SimpleNamespace(model=str(inputs.model), train=_train_name(inputs), damping=None)
+    (folder / "summary.md").write_text(summary_markdown(rows, described, factors), "utf-8")
+    return factors, attribution_summary(rows, forget, train, k)
+
+
+def attribution_summary(rows: list[dict], forget: list[dict], train: list[dict], k: int) -> dict:
+    """How many of each forget record's top-k proponents are forget records themselves.
+
+    The chance level is the forget share of the training set; attribution that finds the
+    data responsible for a behaviour lands well above it.
+
+    >>> rows = [{"proponents": [{"id": "f1"}, {"id": "r1"}]}]
+    >>> attribution_summary(rows, [{"id": "f1"}], [{"id": "f1"}, {"id": "r1"}], 2)["precision"]
+    0.5
+    """
+    forget_ids = {r["id"] for r in forget}
+    in_train = sum(z["id"] in forget_ids for z in train)
+    hits = [sum(p["id"] in forget_ids for p in row["proponents"]) for row in rows]
+    return {
+        "queries": len(rows),
+        "train": len(train),
+        "top_k": k,
+        "precision": sum(hits) / (k * len(rows)) if rows else None,
+        "chance": in_train / len(train) if train else None,
+        "forget_records_in_train": in_train,
+    }
+
+
+def _check_unique_train_ids(train: list[dict]) -> None:
+    seen: set[str] = set()
+    for record in train:
+        if record["id"] in seen:
+            raise BadInputError(
+                f"training record id {record['id']!r} appears twice; ids must be unique"
+            )
+        seen.add(record["id"])
+
+
+def _load_reference(folder: Path | None, model, tokenizer):
+    if folder is None:
+        return None
+    reference, ref_tokenizer = load_model(folder)
+    names = ("model", "reference")
+    check_same_architecture(model, reference, names)
+    check_same_tokenizer(tokenizer, ref_tokenizer, names)
+    return reference
+
+
+def _input_paths(inputs: ForgetInputs) -> list[Path]:
+    paths = [inputs.model, *(p for p in inputs.files.values() if p is not None)]
+    return paths + ([inputs.reference] if inputs.reference else [])
+
+
+def _default_out() -> Path:
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+    base = excise_home() / "runs" / f"forget-{stamp}"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+class _timed:
+    """Time a stage into ``timings`` and announce it."""
+
+    def __init__(self, timings: dict[str, float], name: str, note: Callable[[str], None]):
+        self.timings, self.name, self.note = timings, name, note
+
+    def __enter__(self) -> None:
+        self.note(f"{self.name} ...")
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.timings[self.name] = round(time.perf_counter() - self.start, 2)
+
+
+def _unlearn_inputs(inputs: ForgetInputs, fingerprint: str, factors: str) -> dict[str, Any]:
+    return {
+        "model": {"path": str(inputs.model), "fingerprint": fingerprint},
+        **{s: _file_entry(inputs.files.get(s), inputs.records[s]) for s in ("forget", "retain")},
+        "factors": factors,
+        "reference": str(inputs.reference) if inputs.reference else None,
+    }
+
+
+def _audit_paths(inputs: ForgetInputs, out: Path) -> dict[str, str | None]:
+    return {
+        "before": str(inputs.model),
+        "after": str(out / "unlearn" / "model"),
+        "reference": str(inputs.reference) if inputs.reference else None,
+    }
+
+
+def _split_hashes(inputs: ForgetInputs) -> dict[str, str | None]:
+    return {s: _sha256(inputs.files.get(s)) for s in inputs.splits}
+
+
+def _sha256(path: Path | None) -> str | None:
+    return sha256_file(path) if path is not None and path.is_file() else None
+
+
+def _file_entry(path: Path | None, records: list) -> dict[str, Any]:
+    return {"path": str(path) if path else None, "sha256": _sha256(path), "n": len(records)}
+
+
+def _train_name(inputs: ForgetInputs) -> str:
+    if inputs.files.get("train") is not None:
+        return str(inputs.files["train"])
+    if inputs.world is not None:
+        return "the base model's training set (forget + retain + neighbor + world)"
+    return "forget + retain"
+
+
+def _summary(inputs, attribution, manifest, report, timings, seed, out) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "excise_version": package_version(),
+        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "seed": seed,
+        "out": str(out),
+        "inputs": {
+            "model": str(inputs.model),
+            "reference": str(inputs.reference) if inputs.reference else None,
+            "world": str(inputs.world) if inputs.world else None,
+            "splits": {s: _file_entry(inputs.files.get(s), r) for s, r in inputs.records.items()},
+        },
+        "attribution": attribution,
+        "unlearning": {
+            "method": manifest["method"],
+            "scope": {k: manifest["scope"][k] for k in ("method", "sparsity", "edited", "total")},
+            "steps_run": manifest["result"]["steps_run"],
+            "stopped": manifest["result"]["stopped"],
+            "out_of_scope_identical": manifest["proof"]["out_of_scope_identical"],
+            "out_of_scope_tensors": manifest["proof"]["out_of_scope_tensors"],
+        },
+        "headline": report["headline"],
+        "seconds": dict(timings),
+    }
+
+
+def _ledger_entry(manifest, report, inputs: ForgetInputs, out: Path) -> LedgerEntry:
+    forget = _sha256(inputs.files.get("forget")) or records_sha256(inputs.records["forget"])
+    return entry_from_report(
+        report,
+        method=manifest["method"],
+        scope=manifest["scope"],
+        report_path=out / "report.html",
+        forget_sha256=forget,
+    )
+
+
+def _json_line(row: dict) -> str:
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
+def records_sha256(records: list[dict[str, Any]]) -> str:
+    """SHA-256 of the records' canonical JSON (for sets that are not one file)."""
+    canonical = json.dumps(records, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
