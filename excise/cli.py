@@ -21,6 +21,7 @@ from excise import __version__
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 LIBRARY_LOGGERS = ("excise", "attribution", "unlearn", "analysis")
+FORGET_METHOD, FORGET_STEPS = "simnpo", 120  # excise forget's defaults (unlearn: npo, 60)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,7 +177,9 @@ def _run_attribute(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _add_unlearn_arguments(parser: argparse.ArgumentParser, data: bool = True) -> None:
+def _add_unlearn_arguments(
+    parser: argparse.ArgumentParser, data: bool = True, method: str = "npo", steps: int = 60
+) -> None:
     """The unlearning options (``data``: also --model/--forget/--retain/--out)."""
     if data:
         parser.add_argument("--model", required=True, help="local Hugging Face causal-LM folder")
@@ -185,9 +188,9 @@ def _add_unlearn_arguments(parser: argparse.ArgumentParser, data: bool = True) -
         parser.add_argument("--out", required=True, help="output folder (must not exist)")
     parser.add_argument(
         "--method",
-        default="npo",
+        default=method,
         choices=("ga", "gd", "kl", "npo", "simnpo", "idk", "rmu", "newton"),
-        help="objective (newton: one scoped EK-FAC Newton step with a line search)",
+        help=f"objective (default {method}; newton: one scoped EK-FAC Newton step)",
     )
     parser.add_argument(
         "--scope",
@@ -204,7 +207,9 @@ def _add_unlearn_arguments(parser: argparse.ArgumentParser, data: bool = True) -
     parser.add_argument(
         "--reference", help="a model retrained without the forget set: stop at its forget loss"
     )
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60)")
+    parser.add_argument(
+        "--steps", type=int, default=steps, help=f"optimizer steps (default {steps})"
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
     parser.add_argument("--retain-weight", type=float, default=1.0, help="α of the retain term")
@@ -342,7 +347,9 @@ def _add_forget_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", help="output folder, must not exist (default: $EXCISE_HOME/runs/forget-TIME)"
     )
     parser.add_argument("--ledger", help="the ledger file (default: $EXCISE_HOME/ledger.sqlite)")
-    _add_unlearn_arguments(parser, data=False)
+    # SimNPO in the ekfac scope: a small neighbour shift for its forgetting among the
+    # default-argument runs of benchmarks/unlearning.py (see benchmarks/results/).
+    _add_unlearn_arguments(parser, data=False, method=FORGET_METHOD, steps=FORGET_STEPS)
     _add_relearn_arguments(parser)
 
 
