@@ -222,6 +222,9 @@ def _add_unlearn_arguments(
     )
     parser.add_argument("--forget-target", type=float, help="stop at this forget loss (nats/token)")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="in scope only")
+    parser.add_argument(
+        "--newton-iterations", type=int, default=1, help="newton: scoped steps (default 1)"
+    )
     parser.add_argument("--rmu-layer", type=int, help="RMU's steered block (default: middle)")
     parser.add_argument("--idk-text", default=" I don't know.", help="the IDK method's answer")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")

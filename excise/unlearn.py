@@ -66,6 +66,7 @@ def arguments_from(args: argparse.Namespace) -> tuple[ScopeArguments, UnlearnArg
         beta=args.beta,
         weight_decay=args.weight_decay,
         rmu_layer=args.rmu_layer,
+        newton_iterations=args.newton_iterations,
         idk_text=args.idk_text,
         forget_target=args.forget_target,
         retain_budget=args.retain_budget,
