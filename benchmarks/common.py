@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -414,8 +414,8 @@ def peak_rss_mb() -> float:
 # --- the report ------------------------------------------------------------------------
 
 
-def machine_info(threads: int) -> dict[str, Any]:
-    """Where and with what the numbers were taken."""
+def machine_info(threads: int, peers: Sequence[str] = ("kronfluence",)) -> dict[str, Any]:
+    """Where and with what the numbers were taken (``peers``: their package versions too)."""
     return {
         "cpu_count": os.cpu_count(),
         "threads": threads,
@@ -426,7 +426,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": metadata.version("transformers"),
-        "kronfluence": metadata.version("kronfluence"),
+        **{peer: metadata.version(peer) for peer in peers},
         "excise": metadata.version("excise"),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

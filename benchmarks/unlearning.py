@@ -45,14 +45,10 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +60,7 @@ from analysis.scoring import score_completions
 from analysis.shift import bootstrap_mean_ci, token_shift
 from analysis.truth import answer_log_probs, forget_quality, truth_ratio_value, truth_ratios
 from attribution import FactorArguments, LanguageModelingTask, fit_factors
-from benchmarks.common import results_folder, write_report
+from benchmarks.common import machine_info, results_folder, write_report
 from unlearn import (
     METHODS,
     Scope,
@@ -511,22 +507,6 @@ def finish(report: dict[str, Any], folder: Path) -> str:
     return table
 
 
-def machine(threads: int) -> dict[str, Any]:
-    """Where and with what the numbers were taken."""
-    return {
-        "cpu_count": os.cpu_count(),
-        "threads": threads,
-        "load_average_at_start": os.getloadavg(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": metadata.version("transformers"),
-        "excise": metadata.version("excise"),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 # --- the command -----------------------------------------------------------------------
 
 
@@ -616,7 +596,7 @@ def new_report(bench: Bench, plan: dict[str, Any], argv: list[str], threads: int
     return {
         "benchmark": "unlearning",
         "command": ("python -m benchmarks.unlearning " + " ".join(argv)).strip(),
-        "machine": machine(threads),
+        "machine": machine_info(threads, peers=()),
         "world": {
             "folder": str(bench.folder),
             "sizes": {s: len(r) for s, r in bench.sets.items()},
