@@ -26,7 +26,12 @@ from typing import Any
 from analysis.audit import SPLITS, audit, check_same_architecture, check_same_tokenizer
 from analysis.relearning import LEARNING_RATE, STEPS
 from analysis.report import ReportPaths, write_report
-from attribution.artifacts import atomic_directory, check_output_folder, sha256_file
+from attribution.artifacts import (
+    atomic_directory,
+    check_apart,
+    check_output_folder,
+    sha256_file,
+)
 from excise.attribute import choose_device
 from excise.errors import BadInputError
 from excise.models import check_model_folder, load_model
@@ -173,12 +178,6 @@ def check_numbers(batch_size: int, relearn_steps: int, relearn_lr: float) -> Non
 
 def check_new_output(path: str | Path, inputs: Iterable[Path]) -> Path:
     """An --out apart from every input, empty or holding an earlier audit (then replaced)."""
-    out = Path(path).resolve()
-    for item in inputs:
-        item = item.resolve()
-        if out == item or out in item.parents or item in out.parents:
-            raise BadInputError(
-                f"--out {path}: must be a folder apart from the inputs (it would touch {item})"
-            )
+    out = check_apart(path, inputs)
     check_output_folder(out, KIND)
     return out

@@ -21,7 +21,7 @@ from typing import Any
 from attribution import FactorArguments, LanguageModelingTask, fit_factors, model_fingerprint
 from attribution.artifacts import (
     atomic_directory,
-    check_output_folder,
+    check_apart,
     package_version,
     sha256_file,
     write_json,
@@ -202,16 +202,10 @@ def write_outputs(folder: Path, model, tokenizer, result, inputs, seed, started)
 
 def check_new_output(path: str | Path, inputs: list[Path]) -> Path:
     """An output folder that is none of the inputs and holds none of them."""
-    out = Path(path).resolve()
-    for item in inputs:
-        item = item.resolve()
-        if out == item or out in item.parents or item in out.parents:
-            raise BadInputError(
-                f"--out {path}: must be a new folder apart from the inputs (it would touch {item})"
-            )
+    out = check_apart(path, inputs, "a new folder")
     if out.exists():
         raise BadInputError(f"--out {path}: already exists; choose a new folder")
-    return check_output_folder(out, KIND)
+    return out
 
 
 def _with_reference_target(arguments, reference: Path, task, forget, model) -> UnlearnArguments:
