@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,9 +81,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "self", {"scores": values}, {"train_ids": json.dumps(ids["train_ids"])}
         )
     rows = topk_rows(scores.total, queries, train, k)
-    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    write_bytes(out / "topk.jsonl", lines.encode("utf-8"))
-    write_bytes(out / "summary.md", summary_markdown(rows, args, factors).encode("utf-8"))
+    write_topk(out, rows, args, factors)
     return {"out": str(out), "queries": len(queries), "train": len(train), "rows": rows}
 
 
@@ -121,6 +120,16 @@ def topk_rows(scores: torch.Tensor, queries: list[dict], train: list[dict], k: i
             }
         )
     return rows
+
+
+def write_topk(out: Path, rows: list[dict], described: Any, factors) -> None:
+    """``out``/topk.jsonl (a row per query) and ``out``/summary.md (for people).
+
+    ``described`` names the run for the summary: ``.model``, ``.train`` and ``.damping``.
+    """
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_bytes(out / "topk.jsonl", lines.encode("utf-8"))
+    write_bytes(out / "summary.md", summary_markdown(rows, described, factors).encode("utf-8"))
 
 
 def record_text(record: dict) -> str:

@@ -24,29 +24,30 @@ Writes (atomically; inputs never touched)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from analysis.audit import audit, check_same_architecture, check_same_tokenizer, check_splits
+from analysis.audit import check_splits
 from analysis.ledger import Ledger, LedgerEntry, default_ledger_path
-from analysis.report import write_report
 from attribution import FactorArguments, LanguageModelingTask, fit_factors
 from attribution.artifacts import atomic_directory, package_version, sha256_file, write_json
 from attribution.influence import ScoreArguments, stored_pairwise_scores
 from attribution.store import FactorStore
-from excise.attribute import choose_device, summary_markdown, topk_rows
+from excise.attribute import choose_device, topk_rows, write_topk
+from excise.audit import audit_models, load_audit_models, load_splits
 from excise.errors import BadInputError
 from excise.home import excise_home
 from excise.ledger import entry_from_report
-from excise.models import check_model_folder, load_model
+from excise.models import check_model_folder
 from excise.records import read_records
 from excise.unlearn import arguments_from, check_new_output, edit_model, write_outputs
 from unlearn import check_sets
@@ -65,12 +66,20 @@ class ForgetInputs:
     reference: Path | None
     files: dict[str, Path | None]  # split → file (None: built from other splits)
     records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    hashes: dict[str, str | None] = field(default_factory=dict)  # split → file SHA-256
     world: Path | None = None  # the embedded world's folder, when it is used
+    trained_on: tuple[str, ...] = ("forget", "retain")  # the training set, without --train
 
     @property
     def splits(self) -> dict[str, list[dict[str, Any]]]:
         """The audit's splits (every split but the training set)."""
         return {name: r for name, r in self.records.items() if name != "train"}
+
+    def entry(self, split: str) -> dict[str, Any]:
+        """Where a split came from, its hash and size (for the manifests)."""
+        path = self.files.get(split)
+        n = len(self.records[split])
+        return {"path": str(path) if path else None, "sha256": self.hashes.get(split), "n": n}
 
 
 def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
@@ -79,13 +88,10 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
     inputs = resolve_inputs(args, note)
     ledger = Ledger(args.ledger or default_ledger_path())
     out = check_new_output(args.out or _default_out(), _input_paths(inputs))
-    device = choose_device(args.device)
-    model, tokenizer = load_model(inputs.model)
-    reference = _load_reference(inputs.reference, model, tokenizer)
+    folders = {"before": inputs.model, "reference": inputs.reference}
+    models, tokenizer = load_audit_models(folders, choose_device(args.device))
+    model, reference = models["before"], models.get("reference")
     factors = FactorStore.load_factors(args.factors, model) if args.factors else None
-    model.to(device)
-    if reference is not None:
-        reference.to(device)
     progress = False if args.quiet else None
     timings: dict[str, float] = {}
     with atomic_directory(out, KIND) as folder:
@@ -106,7 +112,7 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
                 scope_arguments,
                 unlearn_arguments,
                 factors=factors,
-                reference=inputs.reference,
+                reference=reference,
                 progress=progress,
             )
             (folder / "unlearn").mkdir()
@@ -120,20 +126,20 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
                 started,
             )
         with _timed(timings, "audit", note):
-            report = audit(
+            report, _ = audit_models(
                 model,
                 edited,
                 tokenizer,
                 inputs.splits,
                 reference,
+                out=folder,
                 paths=_audit_paths(inputs, out),
-                split_hashes=_split_hashes(inputs),
+                split_hashes={s: inputs.hashes[s] for s in inputs.splits},
                 relearn_steps=args.relearn_steps,
                 relearn_lr=args.relearn_lr,
                 seed=args.seed,
                 progress=progress,
             )
-            write_report(report, folder)
         summary = _summary(inputs, attribution, manifest, report, timings, args.seed, out)
         write_json(folder / "forget.json", summary)
     with _timed(timings, "record", note):
@@ -160,13 +166,15 @@ def resolve_inputs(args: argparse.Namespace, note: Callable[[str], None]) -> For
             f"{', '.join(missing)} missing: give --model, --forget and --retain together "
             "(or none of them, for the embedded world)"
         )
-    for name, path in inputs.files.items():
-        if path is not None:
-            inputs.records[name] = read_records(path)
-    check_splits({k: v for k, v in inputs.records.items() if k != "train"})
+    named_splits = {k: p for k, p in inputs.files.items() if p is not None and k != "train"}
+    inputs.records, inputs.hashes = load_splits(named_splits)
+    check_splits(inputs.records)
     check_sets(inputs.records["forget"], inputs.records["retain"])
-    if "train" not in inputs.records:  # the forget and retain sets are training data
-        inputs.records["train"] = inputs.records["forget"] + inputs.records["retain"]
+    train = inputs.files.get("train")
+    if train is not None:
+        inputs.records["train"], inputs.hashes["train"] = read_records(train), _sha256(train)
+    else:
+        inputs.records["train"] = [r for s in inputs.trained_on for r in inputs.records[s]]
     _check_unique_train_ids(inputs.records["train"])
     return inputs
 
@@ -185,10 +193,8 @@ def _world_inputs(size: str, note: Callable[[str], None], progress: bool | None)
         reference=folder / "reference",
         files={s: folder / f"{s}.jsonl" for s in ("forget", "retain", *EVALUATION_SPLITS)},
         world=folder,
+        trained_on=TRAINED_ON["base"],
     )
-    inputs.records["train"] = [
-        record for split in TRAINED_ON["base"] for record in read_records(folder / f"{split}.jsonl")
-    ]
     return inputs
 
 
@@ -210,9 +216,8 @@ def attribute(
     )
     k = min(TOP_K, len(train))
     rows = topk_rows(scores.total, forget, train, k)
-    (folder / "topk.jsonl").write_text("".join(_json_line(row) for row in rows), encoding="utf-8")
     described = SimpleNamespace(model=str(inputs.model), train=_train_name(inputs), damping=None)
-    (folder / "summary.md").write_text(summary_markdown(rows, described, factors), "utf-8")
+    write_topk(folder, rows, described, factors)
     return factors, attribution_summary(rows, forget, train, k)
 
 
@@ -249,16 +254,6 @@ def _check_unique_train_ids(train: list[dict]) -> None:
         seen.add(record["id"])
 
 
-def _load_reference(folder: Path | None, model, tokenizer):
-    if folder is None:
-        return None
-    reference, ref_tokenizer = load_model(folder)
-    names = ("model", "reference")
-    check_same_architecture(model, reference, names)
-    check_same_tokenizer(tokenizer, ref_tokenizer, names)
-    return reference
-
-
 def _input_paths(inputs: ForgetInputs) -> list[Path]:
     paths = [inputs.model, *(p for p in inputs.files.values() if p is not None)]
     return paths + ([inputs.reference] if inputs.reference else [])
@@ -274,24 +269,19 @@ def _default_out() -> Path:
     return out
 
 
-class _timed:
-    """Time a stage into ``timings`` and announce it."""
-
-    def __init__(self, timings: dict[str, float], name: str, note: Callable[[str], None]):
-        self.timings, self.name, self.note = timings, name, note
-
-    def __enter__(self) -> None:
-        self.note(f"{self.name} ...")
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc) -> None:
-        self.timings[self.name] = round(time.perf_counter() - self.start, 2)
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str, note: Callable[[str], None]) -> Iterator[None]:
+    """Announce a stage and time it into ``timings``."""
+    note(f"{name} ...")
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 2)
 
 
 def _unlearn_inputs(inputs: ForgetInputs, fingerprint: str, factors: str) -> dict[str, Any]:
     return {
         "model": {"path": str(inputs.model), "fingerprint": fingerprint},
-        **{s: _file_entry(inputs.files.get(s), inputs.records[s]) for s in ("forget", "retain")},
+        **{split: inputs.entry(split) for split in ("forget", "retain")},
         "factors": factors,
         "reference": str(inputs.reference) if inputs.reference else None,
     }
@@ -305,16 +295,8 @@ def _audit_paths(inputs: ForgetInputs, out: Path) -> dict[str, str | None]:
     }
 
 
-def _split_hashes(inputs: ForgetInputs) -> dict[str, str | None]:
-    return {s: _sha256(inputs.files.get(s)) for s in inputs.splits}
-
-
-def _sha256(path: Path | None) -> str | None:
-    return sha256_file(path) if path is not None and path.is_file() else None
-
-
-def _file_entry(path: Path | None, records: list) -> dict[str, Any]:
-    return {"path": str(path) if path else None, "sha256": _sha256(path), "n": len(records)}
+def _sha256(path: Path) -> str | None:
+    return sha256_file(path) if path.is_file() else None
 
 
 def _train_name(inputs: ForgetInputs) -> str:
@@ -336,7 +318,7 @@ def _summary(inputs, attribution, manifest, report, timings, seed, out) -> dict[
             "model": str(inputs.model),
             "reference": str(inputs.reference) if inputs.reference else None,
             "world": str(inputs.world) if inputs.world else None,
-            "splits": {s: _file_entry(inputs.files.get(s), r) for s, r in inputs.records.items()},
+            "splits": {split: inputs.entry(split) for split in inputs.records},
         },
         "attribution": attribution,
         "unlearning": {
@@ -353,7 +335,7 @@ def _summary(inputs, attribution, manifest, report, timings, seed, out) -> dict[
 
 
 def _ledger_entry(manifest, report, inputs: ForgetInputs, out: Path) -> LedgerEntry:
-    forget = _sha256(inputs.files.get("forget")) or records_sha256(inputs.records["forget"])
+    forget = inputs.hashes["forget"] or records_sha256(inputs.records["forget"])
     return entry_from_report(
         report,
         method=manifest["method"],
@@ -361,10 +343,6 @@ def _ledger_entry(manifest, report, inputs: ForgetInputs, out: Path) -> LedgerEn
         report_path=out / "report.html",
         forget_sha256=forget,
     )
-
-
-def _json_line(row: dict) -> str:
-    return json.dumps(row, ensure_ascii=False) + "\n"
 
 
 def records_sha256(records: list[dict[str, Any]]) -> str:

@@ -13,10 +13,13 @@ Writes (atomically; the input model folder is never touched)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import time
 from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 from attribution import FactorArguments, LanguageModelingTask, fit_factors, model_fingerprint
 from attribution.artifacts import (
@@ -87,6 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model.to(device)
     factors = FactorStore.load_factors(args.factors, model) if args.factors else None
     reference = check_model_folder(args.reference) if args.reference else None
+    reference_model = load_model(reference)[0].to(device) if reference else None
     progress = False if args.quiet else None
     started = time.perf_counter()
     with atomic_directory(out, KIND) as folder:
@@ -99,7 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             unlearn_arguments,
             factors=factors,
             factor_folder=folder / "factors",
-            reference=reference,
+            reference=reference_model,
             progress=progress,
         )
         inputs = {
@@ -123,10 +127,14 @@ def edit_model(
     unlearn_arguments: UnlearnArguments,
     factors=None,
     factor_folder: Path | None = None,
-    reference: Path | None = None,
+    reference: nn.Module | None = None,
     progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Scope + unlearn ``model`` in place; returns the scope, result, hashes and proof."""
+    """Scope + unlearn ``model`` in place; returns the scope, result, hashes and proof.
+
+    ``reference``: a model retrained without the forget set, on the model's device; unless
+    a forget target is set, the run stops at its forget loss.
+    """
     task = LanguageModelingTask(tokenizer)
     needs_factors = scope_arguments.method == "ekfac" or unlearn_arguments.method == "newton"
     if needs_factors and factors is None:
@@ -139,9 +147,7 @@ def edit_model(
             progress,
         )
     if reference is not None and unlearn_arguments.forget_target is None:
-        unlearn_arguments = _with_reference_target(
-            unlearn_arguments, reference, task, forget, model
-        )
+        unlearn_arguments = _with_reference_target(unlearn_arguments, reference, task, forget)
     fingerprint = model_fingerprint(model)
     before = state_hashes(model)
     scope = choose_scope(
@@ -208,13 +214,9 @@ def check_new_output(path: str | Path, inputs: list[Path]) -> Path:
     return out
 
 
-def _with_reference_target(arguments, reference: Path, task, forget, model) -> UnlearnArguments:
+def _with_reference_target(arguments, reference: nn.Module, task, forget) -> UnlearnArguments:
     """Stop when the forget loss reaches the reference model's (retrained without it)."""
-    import dataclasses
-
-    ref_model, _ = load_model(reference)
-    ref_model.to(next(model.parameters()).device)
-    target = measure(ref_model, LanguageModelingTask(task.tokenizer), forget, arguments.batch_size)
+    target = measure(reference, task, forget, arguments.batch_size)
     return dataclasses.replace(arguments, forget_target=target)
 
 
