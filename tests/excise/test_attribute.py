@@ -10,13 +10,9 @@ from safetensors import safe_open
 
 from excise.cli import main
 from excise.world import read_split
+from tests.excise.helpers import write_jsonl
 
 from .test_cli import assert_one_line_error, run_cli
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -17,18 +17,10 @@ from attribution.artifacts import artifact_kind, sha256_file
 from excise.audit import load_splits
 from excise.cli import build_parser, main
 from excise.ledger import record_request
+from tests.excise.helpers import error_lines, folder_hashes, write_jsonl
 
 SPLITS = ("forget", "retain", "neighbor", "world", "holdout")
 N = 4  # records per split
-
-
-def folder_hashes(folder):
-    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +248,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     except SystemExit as exit_:  # argparse's usage errors
         code = exit_.code
     assert code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and message in lines[0], lines
     assert "Traceback" not in lines[0]
     if case == "out_holds_other_files":

@@ -12,6 +12,7 @@ import pytest
 from analysis.ledger import Ledger
 from attribution.artifacts import sha256_file
 from excise.cli import main
+from tests.excise.helpers import error_lines
 
 
 @pytest.fixture
@@ -173,7 +174,7 @@ def test_bad_input_exits_2_with_one_line(tiny_world, home, tmp_path, capsys, cas
     capsys.readouterr()  # what building the inputs printed
     code = forget_cli(*data, *extra, "--out", str(out), "--ledger", str(ledger))
     assert code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and message in lines[0], lines
     assert case == "out_exists" or not out.exists()
     assert (set((home / "runs").iterdir()) if (home / "runs").exists() else set()) == runs

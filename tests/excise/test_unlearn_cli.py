@@ -15,11 +15,8 @@ from safetensors.torch import load_file
 
 from attribution.artifacts import sha256_file
 from excise.cli import main
+from tests.excise.helpers import error_lines, folder_hashes, write_jsonl
 from unlearn import Scope
-
-
-def folder_hashes(folder):
-    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def unlearn_cli(world, out, *extra, forget=None, retain=None, model=None):
@@ -96,11 +93,6 @@ def test_factors_are_saved_and_reused_but_not_for_another_model(edited, tiny_wor
     assert not (tmp_path / "other").exists()
 
 
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
 @pytest.mark.parametrize(
     ("case", "message"),
     [
@@ -143,7 +135,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     except SystemExit as exit_:  # argparse's usage errors
         code = exit_.code
     assert code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and message in lines[0], lines
     assert "Traceback" not in lines[0]
     assert not (tmp_path / "out").exists()

@@ -1,0 +1,23 @@
+"""Small helpers shared by the command-line tests."""
+
+from __future__ import annotations
+
+import json
+
+from attribution.artifacts import sha256_file
+
+
+def write_jsonl(path, records):
+    """Write ``records`` as JSON lines to ``path``; returns ``path``."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def folder_hashes(folder):
+    """SHA-256 of every file directly in ``folder`` (to show an input was not touched)."""
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def error_lines(stderr):
+    """The non-blank lines of ``stderr``."""
+    return [line for line in stderr.splitlines() if line.strip()]
