@@ -11,7 +11,10 @@ describes the model once (STYLE.md; kronfluence's ``Task``):
   example (then each example's labels do not depend on how examples are batched);
 - ``measurement(model, batch)``: what a query's influence is measured on, shape [batch];
 - ``token_mask(batch)``: the tokens whose module inputs count in activation statistics
-  (``None``: all).
+  (``None``: all);
+- ``token_scores(model, batch, hidden_states=False)``: teacher-forced statistics of the
+  target tokens (:class:`TokenScores`: their log-probabilities, mask, logits and, on
+  request, hidden states) — the one scoring path of unlearning and the audit.
 
 :class:`LanguageModelingTask` implements it for Hugging Face causal LMs: the summed token
 NLL of the completion (or of every token of a ``text`` record), with attention masks,
@@ -21,13 +24,15 @@ right padding and prompt masking.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from attribution.data import IGNORE_INDEX, collate, encode_record, pad_token_id
+from attribution.progress import evaluating, progress_bar
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -48,6 +53,73 @@ class Task(Protocol):
     def measurement(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor: ...
 
     def token_mask(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None: ...
+
+    def token_scores(
+        self, model: nn.Module, batch: Mapping[str, torch.Tensor], hidden_states: bool = False
+    ) -> TokenScores: ...
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Teacher-forced statistics of a batch's target tokens, from one forward pass.
+
+    ``logits[b, t]`` predicts ``labels[b, t]`` (already shifted: position t of the input
+    predicts token t + 1); ``labels`` is ``-100`` where a token is not a target. Every
+    derived value keeps the graph (take ``torch.no_grad()`` outside when scoring only);
+    log-probabilities are computed in float32 or wider.
+
+    - ``log_probs[b, t] = log p(yₜ | y<ₜ)`` on targets, 0 elsewhere;  ``nll = −Σₜ log_probs``
+    - ``length`` the number of targets;  ``mean_nll = nll / length``
+    - ``correct[b, t]``: the target is the argmax (greedy decoding reproduces an answer iff
+      every target is correct).
+
+    >>> logits = torch.tensor([[[0.0, 0.0], [2.0, 0.0]]])
+    >>> scores = TokenScores(logits, torch.tensor([[1, -100]]))
+    >>> round(scores.nll.item(), 4), scores.length.tolist(), scores.correct.tolist()
+    (0.6931, [1], [[False, False]])
+    """
+
+    logits: torch.Tensor  # [batch, seq - 1, vocab]
+    labels: torch.Tensor  # [batch, seq - 1]
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # [0] embeddings, [l] after block l
+    attention_mask: torch.Tensor | None = None  # [batch, seq] of the inputs
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        """True on target tokens, [batch, seq - 1]."""
+        return self.labels != IGNORE_INDEX
+
+    @cached_property
+    def log_softmax(self) -> torch.Tensor:
+        """log p(· | y<ₜ) at every position, float32 or wider, [batch, seq - 1, vocab]."""
+        logits = self.logits
+        return torch.log_softmax(logits.float() if logits.dtype.itemsize < 4 else logits, -1)
+
+    @cached_property
+    def log_probs(self) -> torch.Tensor:
+        """log p(yₜ | y<ₜ) of each target token (0 elsewhere), [batch, seq - 1]."""
+        picked = self.log_softmax.gather(-1, self.labels.clamp(min=0)[..., None])[..., 0]
+        return picked * self.mask
+
+    @property
+    def nll(self) -> torch.Tensor:
+        """Summed NLL of each example's targets, [batch]."""
+        return -self.log_probs.sum(-1)
+
+    @property
+    def length(self) -> torch.Tensor:
+        """Number of target tokens of each example, [batch]."""
+        return self.mask.sum(-1)
+
+    @property
+    def mean_nll(self) -> torch.Tensor:
+        """Mean token NLL of each example's targets (0 for an example with none), [batch]."""
+        return self.nll / self.length.clamp(min=1)
+
+    @property
+    def correct(self) -> torch.Tensor:
+        """True where a target token is the model's argmax, [batch, seq - 1]."""
+        return (self.logits.argmax(-1) == self.labels) & self.mask
 
 
 class LanguageModelingTask:
@@ -102,6 +174,17 @@ class LanguageModelingTask:
 
     def measurement(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return token_nll(self._logits(model, batch), batch["labels"][:, 1:]).sum(-1)
+
+    def token_scores(
+        self, model: nn.Module, batch: Mapping[str, torch.Tensor], hidden_states: bool = False
+    ) -> TokenScores:
+        mask = batch.get("attention_mask")
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=hidden_states
+        )
+        logits = out.logits if hasattr(out, "logits") else out
+        hidden = tuple(out.hidden_states) if hidden_states else None
+        return TokenScores(logits[:, :-1], batch["labels"][:, 1:], hidden, mask)
 
     def token_mask(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         mask = batch.get("attention_mask")
@@ -160,14 +243,31 @@ def batches(
     """
     device = next(model.parameters()).device
     stop = len(examples) if stop is None else stop
-    was_training = model.training
-    model.eval()
-    try:
-        starts = range(start, stop, batch_size)
-        hidden = None if progress is None else not progress
-        for first in tqdm(starts, desc=desc, disable=hidden, leave=False):
+    with evaluating(model):
+        for first in progress_bar(range(start, stop, batch_size), desc, progress):
             last = min(first + batch_size, stop)
-            batch = task.collate(examples[first:last])
-            yield first, last, {k: v.to(device) for k, v in batch.items()}
-    finally:
-        model.train(was_training)
+            yield first, last, on_device(task.collate(examples[first:last]), device)
+
+
+def scored_batches(
+    model: nn.Module,
+    task: Task,
+    examples: Sequence[Any],
+    batch_size: int,
+    desc: str,
+    progress: bool | None = None,
+    hidden_states: bool = False,
+) -> Iterator[tuple[int, int, dict[str, torch.Tensor], TokenScores]]:
+    """``(first, last, batch, task.token_scores(...))`` over ``examples``, without gradients.
+
+    The model is in eval mode throughout (see :func:`batches`).
+    """
+    for first, last, batch in batches(model, task, examples, batch_size, desc, progress):
+        with torch.no_grad():
+            scores = task.token_scores(model, batch, hidden_states)
+        yield first, last, batch, scores
+
+
+def on_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor of ``batch`` on ``device``."""
+    return {k: v.to(device) for k, v in batch.items()}
