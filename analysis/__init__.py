@@ -24,7 +24,7 @@ from analysis.audit import (
     check_same_tokenizer,
     split_metrics,
 )
-from analysis.ledger import Ledger, LedgerEntry, LedgerError, default_ledger_path
+from analysis.ledger import Ledger, LedgerEntry, LedgerError
 from analysis.membership import membership_inference, privleak
 from analysis.memorization import exact_memorization, extraction_strength
 from analysis.relearning import relearning_robustness
@@ -46,7 +46,6 @@ __all__ = [
     # the deletion ledger
     "Ledger",
     "LedgerEntry",
-    "default_ledger_path",
     # metrics
     "score_completions",
     "CompletionScores",

@@ -27,7 +27,6 @@ models of different architectures.
 from __future__ import annotations
 
 import contextlib
-import datetime
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +53,7 @@ from analysis.truth import (
     truth_ratio_metric,
 )
 from analysis.utility import model_utility, normalised_probability_metric, probability_metric
-from attribution.artifacts import package_version
+from attribution.artifacts import package_version, utc_timestamp
 from attribution.errors import InputError
 from attribution.fingerprint import model_fingerprint
 
@@ -126,7 +125,7 @@ def audit(
         report = {
             "schema": SCHEMA,
             "excise_version": package_version(),
-            "created_utc": _utc_now(),
+            "created_utc": utc_timestamp(),
             "models": _models_section(models, paths or {}),
             "splits": {
                 s: {"n": len(r), "sha256": (split_hashes or {}).get(s)} for s, r in splits.items()
@@ -179,10 +178,6 @@ def _check_models(
         if role != "before":
             check_same_architecture(before, model, ("before", role))
     return models
-
-
-def _utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass

@@ -40,12 +40,11 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterator, Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from analysis.report import json_safe
-from attribution.artifacts import package_version
+from attribution.artifacts import package_version, utc_timestamp
 from attribution.errors import InputError
 
 FORMAT = "excise-ledger/1"
@@ -109,11 +108,6 @@ class LedgerError(InputError):
     """The ledger file is not an excise ledger, or the request names no row of it."""
 
 
-def utc_now() -> str:
-    """The current UTC time as ISO 8601 with a ``Z``, to the microsecond."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 @dataclasses.dataclass(frozen=True)
 class LedgerEntry:
     """One deletion request as the ledger records it (``id`` and hashes set by the ledger)."""
@@ -126,7 +120,7 @@ class LedgerEntry:
     headline: Mapping[str, Any]
     report_path: str | None = None
     excise_version: str = dataclasses.field(default_factory=package_version)
-    created_utc: str = dataclasses.field(default_factory=utc_now)
+    created_utc: str = dataclasses.field(default_factory=lambda: utc_timestamp("microseconds"))
     id: int | None = None
     previous_sha256: str | None = None
     entry_sha256: str | None = None
@@ -146,12 +140,6 @@ class LedgerEntry:
             raise LedgerError(f"ledger entry: report_path must be a path, got {self.report_path!r}")
 
 
-def default_ledger_path() -> Path:
-    """``$EXCISE_HOME/ledger.sqlite``, with ``EXCISE_HOME`` defaulting to ``~/.cache/excise``."""
-    home = os.environ.get("EXCISE_HOME") or Path.home() / ".cache" / "excise"
-    return Path(home) / "ledger.sqlite"
-
-
 class Ledger:
     """An append-only SQLite ledger of deletion requests at ``path``.
 
@@ -160,8 +148,8 @@ class Ledger:
     shared across threads and forked processes.
     """
 
-    def __init__(self, path: str | Path | None = None, *, create: bool = True) -> None:
-        self.path = Path(path) if path is not None else default_ledger_path()
+    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+        self.path = Path(path)
         if self.path.is_dir():
             raise LedgerError(f"ledger {self.path}: is a folder; name a file")
         if not self.path.exists():

@@ -148,6 +148,23 @@ def _replace_folder(new: Path, final: Path) -> None:
         os.replace(new, final)
 
 
+def utc_timestamp(timespec: str = "seconds", compact: bool = False) -> str:
+    """The current UTC time as ISO 8601 with a ``Z`` (the one clock of every artifact).
+
+    ``timespec`` as :meth:`datetime.datetime.isoformat`; ``compact`` gives
+    ``YYYYMMDD-HHMMSS`` (for folder names).
+
+    >>> len(utc_timestamp()), utc_timestamp().endswith("Z"), len(utc_timestamp(compact=True))
+    (20, True, 15)
+    """
+    import datetime
+
+    now = datetime.datetime.now(datetime.UTC)
+    if compact:
+        return now.strftime("%Y%m%d-%H%M%S")
+    return now.replace(tzinfo=None).isoformat(timespec=timespec) + "Z"
+
+
 def package_version() -> str:
     """The installed version of the excise distribution, recorded in every artifact."""
     from importlib.metadata import PackageNotFoundError, version

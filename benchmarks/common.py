@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
@@ -428,7 +428,7 @@ def machine_info(threads: int, peers: Sequence[str] = ("kronfluence",)) -> dict[
         "transformers": metadata.version("transformers"),
         **{peer: metadata.version(peer) for peer in peers},
         "excise": metadata.version("excise"),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

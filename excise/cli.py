@@ -161,7 +161,7 @@ def _add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_attribute(args: argparse.Namespace) -> int:
-    from excise import attribute
+    from excise.commands import attribute
 
     result = attribute.run(args)
     if not args.quiet:
@@ -231,7 +231,7 @@ def _add_unlearn_arguments(
 
 
 def _run_unlearn(args: argparse.Namespace) -> int:
-    from excise import unlearn
+    from excise.commands import unlearn
 
     manifest = unlearn.run(args)
     if not args.quiet:
@@ -291,7 +291,7 @@ def _add_relearn_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_audit(args: argparse.Namespace) -> int:
     from analysis.report import headline_rows
-    from excise import audit
+    from excise.commands import audit
 
     result = audit.run(args)
     if not args.quiet:
@@ -324,7 +324,7 @@ def _add_ledger_parser(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _run_ledger(args: argparse.Namespace) -> int:
-    from excise import ledger
+    from excise.commands import ledger
 
     return ledger.run(args)
 
@@ -358,7 +358,7 @@ def _add_forget_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_forget(args: argparse.Namespace) -> int:
     from analysis.report import headline_rows
-    from excise import forget
+    from excise.commands import forget
 
     def note(message: str) -> None:
         if not args.quiet:

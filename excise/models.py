@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from excise.errors import BadInputError
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHT_PATTERNS = (
     "*.safetensors",
@@ -99,3 +102,20 @@ def check_tokenizer_fits(model: Any, tokenizer: Any, where: str | Path = "model"
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0][:200] if text else type(err).__name__
+
+
+def choose_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else the CPU) or a named torch device that exists."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BadInputError(
+            f"--device {name!r} is not a torch device (cpu, cuda, cuda:1 ...)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError(f"--device {name}: no CUDA device is available; use --device cpu")
+    return device

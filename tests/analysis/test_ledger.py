@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-from analysis.ledger import GENESIS, Ledger, LedgerEntry, LedgerError, default_ledger_path
+from analysis.ledger import GENESIS, Ledger, LedgerEntry, LedgerError
 from attribution.errors import InputError
+from excise.home import default_ledger_path
 
 WORKERS, PER_WORKER = 4, 25
 

@@ -14,9 +14,9 @@ import pytest
 
 from analysis.relearning import LEARNING_RATE, STEPS
 from attribution.artifacts import artifact_kind, sha256_file
-from excise.audit import load_splits
 from excise.cli import build_parser, main
-from excise.ledger import record_request
+from excise.commands.audit import load_splits
+from excise.commands.ledger import record_request
 from tests.excise.helpers import error_lines, folder_hashes, write_jsonl
 
 SPLITS = ("forget", "retain", "neighbor", "world", "holdout")

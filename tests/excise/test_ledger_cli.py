@@ -1,4 +1,4 @@
-"""``excise ledger list | show ID | verify`` and :func:`excise.ledger.record_request`.
+"""``excise ledger list | show ID | verify`` and :func:`excise.commands.ledger.record_request`.
 
 The rows are recorded from small hand-written audit reports (no model is needed). A
 missing or unreadable ledger, an unknown id, or a changed row exits 2 with one line.
@@ -15,7 +15,7 @@ import pytest
 from analysis.ledger import Ledger
 from attribution.errors import InputError
 from excise.cli import main
-from excise.ledger import entry_dict, record_request
+from excise.commands.ledger import entry_dict, record_request
 
 HEADLINE = {
     "forget_quality": 0.4321,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import time
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,17 @@ from attribution.artifacts import (
     check_apart,
     package_version,
     sha256_file,
+    utc_timestamp,
     write_json,
 )
 from attribution.store import FactorStore
-from excise.attribute import choose_device
 from excise.errors import BadInputError
-from excise.models import check_model_folder, load_model, no_transformers_progress_bars
+from excise.models import (
+    check_model_folder,
+    choose_device,
+    load_model,
+    no_transformers_progress_bars,
+)
 from excise.records import read_records
 from unlearn import (
     Scope,
@@ -184,7 +188,7 @@ def write_outputs(folder: Path, model, tokenizer, result, inputs, seed, started)
     manifest = {
         "schema": MANIFEST_SCHEMA,
         "excise_version": package_version(),
-        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "created_utc": utc_timestamp(),
         "seed": seed,
         "method": result["unlearn_arguments"].method,
         "arguments": result["unlearn_arguments"].to_dict(),

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
 import hashlib
 import json
 import time
@@ -37,19 +36,25 @@ from types import SimpleNamespace
 from typing import Any
 
 from analysis.audit import check_splits
-from analysis.ledger import Ledger, LedgerEntry, default_ledger_path
+from analysis.ledger import Ledger, LedgerEntry
 from attribution import FactorArguments, LanguageModelingTask, fit_factors
-from attribution.artifacts import atomic_directory, package_version, sha256_file, write_json
+from attribution.artifacts import (
+    atomic_directory,
+    package_version,
+    sha256_file,
+    utc_timestamp,
+    write_json,
+)
 from attribution.influence import ScoreArguments, stored_pairwise_scores
 from attribution.store import FactorStore
-from excise.attribute import choose_device, topk_rows, write_topk
-from excise.audit import audit_models, load_audit_models, load_splits
+from excise.commands.attribute import topk_rows, write_topk
+from excise.commands.audit import audit_models, load_audit_models, load_splits
+from excise.commands.ledger import entry_from_report
+from excise.commands.unlearn import arguments_from, check_new_output, edit_model, write_outputs
 from excise.errors import BadInputError
-from excise.home import excise_home
-from excise.ledger import entry_from_report
-from excise.models import check_model_folder
+from excise.home import default_ledger_path, excise_home
+from excise.models import check_model_folder, choose_device
 from excise.records import read_records
-from excise.unlearn import arguments_from, check_new_output, edit_model, write_outputs
 from unlearn import check_sets
 
 KIND = "forget"
@@ -260,7 +265,7 @@ def _input_paths(inputs: ForgetInputs) -> list[Path]:
 
 
 def _default_out() -> Path:
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+    stamp = utc_timestamp(compact=True)
     base = excise_home() / "runs" / f"forget-{stamp}"
     out, n = base, 1
     while out.exists():
@@ -311,7 +316,7 @@ def _summary(inputs, attribution, manifest, report, timings, seed, out) -> dict[
     return {
         "schema": SCHEMA,
         "excise_version": package_version(),
-        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "created_utc": utc_timestamp(),
         "seed": seed,
         "out": str(out),
         "inputs": {

@@ -32,13 +32,14 @@ from typing import Any
 from analysis.ledger import Ledger, LedgerEntry
 from analysis.report import json_safe
 from excise.errors import BadInputError
+from excise.home import default_ledger_path
 
 SHORT_HASH = 12  # hex digits of a hash shown in the list
 
 
 def run(args: argparse.Namespace) -> int:
     """``list``, ``show`` or ``verify``; prints to stdout and returns the exit code (0)."""
-    ledger = Ledger(args.ledger, create=False)  # reading never creates a ledger
+    ledger = Ledger(args.ledger or default_ledger_path(), create=False)  # reading never creates
     if args.ledger_command == "list":
         entries = ledger.list()
         if args.json:
@@ -75,7 +76,7 @@ def record_request(
     entry = entry_from_report(
         report, method=method, scope=scope, report_path=report_path, forget_sha256=forget_sha256
     )
-    book = ledger if isinstance(ledger, Ledger) else Ledger(ledger)
+    book = ledger if isinstance(ledger, Ledger) else Ledger(ledger or default_ledger_path())
     return book.record(entry)
 
 

@@ -32,9 +32,8 @@ from attribution.artifacts import (
     check_output_folder,
     sha256_file,
 )
-from excise.attribute import choose_device
 from excise.errors import BadInputError
-from excise.models import check_model_folder, load_model
+from excise.models import check_model_folder, choose_device, load_model
 from excise.records import read_records
 
 KIND = "audit"

@@ -32,7 +32,7 @@ from attribution.influence import (
 )
 from attribution.store import FactorStore
 from excise.errors import BadInputError
-from excise.models import load_model
+from excise.models import choose_device, load_model
 from excise.records import read_records
 
 KIND = "attribution"
@@ -83,20 +83,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = topk_rows(scores.total, queries, train, k)
     write_topk(out, rows, args, factors)
     return {"out": str(out), "queries": len(queries), "train": len(train), "rows": rows}
-
-
-def choose_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise BadInputError(
-            f"--device {name!r} is not a torch device (cpu, cuda, cuda:1 ...)"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInputError(f"--device {name}: no CUDA device is available; use --device cpu")
-    return device
 
 
 def topk_rows(scores: torch.Tensor, queries: list[dict], train: list[dict], k: int) -> list[dict]:
