@@ -17,8 +17,12 @@
 - ``relearning``: how much of the forget set a few fine-tuning steps bring back;
 - ``headline``: the numbers a reader looks at first.
 
-The models are used on their own devices, in eval mode (their train/eval flags are restored
-afterwards), and never modified; relearning fine-tunes a deep copy. Inputs are checked
+Every record is batched and scored through one :class:`~attribution.task.Task`
+(``task.collate`` and ``task.token_scores``; :mod:`analysis.scoring`), so a custom task
+changes every metric alike; ROUGE-L generates with the task's ``tokenizer`` and is marked
+unavailable when it has none. The models are used on their own devices, in eval mode (their
+train/eval flags are restored afterwards), and never modified; relearning fine-tunes a deep
+copy. Inputs are checked
 first: :class:`AuditInputError` (an :class:`attribution.errors.InputError`) says what is
 wrong — a missing or empty split, a record with neither prompt/completion nor text, or
 models of different architectures.
@@ -26,8 +30,7 @@ models of different architectures.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +59,8 @@ from analysis.utility import model_utility, normalised_probability_metric, proba
 from attribution.artifacts import package_version, utc_timestamp
 from attribution.errors import InputError
 from attribution.fingerprint import model_fingerprint
+from attribution.progress import evaluating
+from attribution.task import Task
 
 SCHEMA = "excise-audit/1"
 REQUIRED_SPLITS = ("forget", "retain")
@@ -96,7 +101,7 @@ class TokenizerMismatchError(AuditInputError):
 def audit(
     before: nn.Module,
     after: nn.Module,
-    tokenizer: Any,
+    task: Task,
     splits: Mapping[str, Sequence[Mapping[str, Any]]],
     reference: nn.Module | None = None,
     *,
@@ -112,16 +117,18 @@ def audit(
 ) -> dict[str, Any]:
     """The ``excise-audit/1`` report of ``after`` (unlearned) against ``before`` (original).
 
-    ``splits`` maps names (forget and retain required; neighbor, world, holdout optional)
-    to records; ``reference`` is the model retrained without the forget set (forget quality
-    and privleak need it); ``paths`` (role → folder) and ``split_hashes`` (split → sha256)
-    are recorded as given. ``seed`` drives the bootstrap and relearning.
+    ``task`` says how records are batched and scored (``LanguageModelingTask(tokenizer)``
+    for a Hugging Face causal LM; ROUGE-L needs its ``tokenizer``). ``splits`` maps names
+    (forget and retain required; neighbor, world, holdout optional) to records;
+    ``reference`` is the model retrained without the forget set (forget quality and
+    privleak need it); ``paths`` (role → folder) and ``split_hashes`` (split → sha256) are
+    recorded as given. ``seed`` drives the bootstrap and relearning.
     """
     splits = check_splits(splits)
     models = _check_models(before, after, reference)
     options = {"batch_size": batch_size, "progress": progress}
     with evaluating(*models.values()):
-        roles = {r: _role_metrics(m, tokenizer, splits, **options) for r, m in models.items()}
+        roles = {r: _role_metrics(m, task, splits, **options) for r, m in models.items()}
         report = {
             "schema": SCHEMA,
             "excise_version": package_version(),
@@ -140,7 +147,7 @@ def audit(
                 s: knowledge_shift(
                     before,
                     after,
-                    tokenizer,
+                    task,
                     splits[s],
                     seed=seed,
                     n_resamples=n_resamples,
@@ -155,7 +162,7 @@ def audit(
             "relearning": relearning_robustness(
                 before,
                 after,
-                tokenizer,
+                task,
                 splits["forget"],
                 steps=relearn_steps,
                 lr=relearn_lr,
@@ -190,7 +197,7 @@ class _RoleResult:
 
 def _role_metrics(
     model: nn.Module,
-    tokenizer: Any,
+    task: Task,
     splits: Mapping[str, Sequence[Mapping[str, Any]]],
     *,
     batch_size: int,
@@ -198,14 +205,12 @@ def _role_metrics(
 ) -> _RoleResult:
     result = _RoleResult()
     for name, records in splits.items():
-        stats = token_statistics(
-            model, tokenizer, records, batch_size=batch_size, progress=progress
-        )
+        stats = token_statistics(model, task, records, batch_size=batch_size, progress=progress)
         result.stats[name] = stats
         if name in METRIC_SPLITS:
             result.metrics[name] = split_metrics(
                 model,
-                tokenizer,
+                task,
                 name,
                 records,
                 stats=stats,
@@ -217,7 +222,7 @@ def _role_metrics(
 
 def split_metrics(
     model: nn.Module,
-    tokenizer: Any,
+    task: Task,
     split: str,
     records: Sequence[Mapping[str, Any]],
     *,
@@ -231,19 +236,19 @@ def split_metrics(
     probability is normalised against the perturbed answers when the records have them.
     """
     options = {"batch_size": batch_size, "progress": progress}
-    scores = score_completions(model, tokenizer, records, **options)
+    scores = score_completions(model, task, records, **options)
     out = {"probability": probability_metric(scores)}
     reason = truth_ratio_fields_missing(records)
     if reason is None:
-        paraphrased, perturbed = answer_log_probs(model, tokenizer, records, **options)
+        paraphrased, perturbed = answer_log_probs(model, task, records, **options)
         truth = truth_ratio_metric(paraphrased, perturbed, forget=split == "forget")
         if split in NORMALISED_SPLITS:
             out["probability"] = normalised_probability_metric(paraphrased, perturbed)
     else:
         truth = unavailable(reason)
-    out["rouge_l_recall"] = rouge_l_recall(model, tokenizer, records, **options)
+    out["rouge_l_recall"] = rouge_l_recall(model, task, records, **options)
     out["truth_ratio"] = truth
-    stats = stats or token_statistics(model, tokenizer, records, **options)
+    stats = stats or token_statistics(model, task, records, **options)
     out.update(memorization_metrics(stats))
     return out
 
@@ -406,17 +411,3 @@ def check_same_tokenizer(
             f"({len(first.get_vocab())} vs {len(second.get_vocab())} tokens); both models "
             "must use the same tokenizer"
         )
-
-
-@contextlib.contextmanager
-def evaluating(*models: nn.Module) -> Iterator[None]:
-    """Put models in eval mode for the block and restore each module's flag afterwards."""
-    flags = [[(m, m.training) for m in model.modules()] for model in models]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for pairs in flags:
-            for module, training in pairs:
-                module.training = training

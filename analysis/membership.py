@@ -35,6 +35,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from analysis.memorization import TokenStatistics, token_statistics
+from attribution.task import Task
 
 ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
 MIN_K = 0.2
@@ -133,7 +134,7 @@ def attack_results(
 
 def membership_inference(
     model: Any,
-    tokenizer: Any,
+    task: Task,
     members: Sequence[Mapping[str, Any]],
     nonmembers: Sequence[Mapping[str, Any]],
     *,
@@ -144,9 +145,7 @@ def membership_inference(
     """Run the four attacks on ``model``: members (forget) against non-members (holdout)."""
     scores = []
     for records in (members, nonmembers):
-        stats = token_statistics(
-            model, tokenizer, records, batch_size=batch_size, progress=progress
-        )
+        stats = token_statistics(model, task, records, batch_size=batch_size, progress=progress)
         scores.append(attack_scores(stats, [answer_text(r) for r in records], k))
     return attack_results(*scores)
 

@@ -10,8 +10,9 @@ the model's next-token distribution p(· | x, y<ₜ). With cₜ = [argmax p(· |
 Greedy decoding from x, y≤ₖ reproduces y>ₖ exactly when every later token is the argmax
 under teacher forcing (greedy decoding feeds back exactly those tokens), so
 k = 1 + (the last t with cₜ = 0), or 0 when every cₜ = 1: one forward pass is enough.
-Answer tokens are the labelled tokens of :func:`attribution.data.encode_record` (the
-end-of-sequence token included, as in the loss).
+Answer tokens are the targets of ``task.token_scores`` (for ``LanguageModelingTask``, the
+labelled tokens of :func:`attribution.data.encode_record`, end-of-sequence included, as in
+the loss).
 
 :func:`token_statistics` also returns what the membership attacks need: log p(yₜ) and
 the mean and standard deviation of log p(v) under the model's own distribution v ~ p.
@@ -29,10 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from attribution.data import IGNORE_INDEX, collate, encode_record, pad_token_id
+from analysis.scoring import per_record
+from attribution.task import Task, TokenScores, scored_batches
 
 
 @dataclass(frozen=True)
@@ -49,50 +49,37 @@ class TokenStatistics:
     std: list[np.ndarray]
 
 
-@torch.no_grad()
 def token_statistics(
     model: Any,
-    tokenizer: Any,
+    task: Task,
     records: Sequence[Mapping[str, Any]],
     *,
     batch_size: int = 32,
     progress: bool | None = None,
 ) -> TokenStatistics:
-    """Teacher-forced per-token statistics of every record's answer (model on its device)."""
-    device = next(model.parameters()).device
-    pad = pad_token_id(tokenizer)
-    encoded = [encode_record(tokenizer, r) for r in records]
+    """Teacher-forced per-token statistics of every record's targets (model on its device)."""
     out: dict[str, list[np.ndarray]] = {"log_prob": [], "correct": [], "mean": [], "std": []}
-    starts = range(0, len(encoded), batch_size)
-    for start in tqdm(starts, desc="token statistics", disable=_disabled(progress), leave=False):
-        batch = collate(encoded[start : start + batch_size], pad)
-        logits = model(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-        ).logits[:, :-1]  # position t predicts token t + 1
-        labels = batch["labels"][:, 1:].to(device)
-        for key, value in _batch_statistics(logits, labels).items():
+    batches = scored_batches(model, task, records, batch_size, "token statistics", progress)
+    for *_, scores in batches:
+        for key, value in _batch_statistics(scores).items():
             out[key].extend(value)
     return TokenStatistics(**out)
 
 
-def _batch_statistics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, list[np.ndarray]]:
-    """One array per row over its labelled positions (only those positions are computed)."""
-    mask = labels != IGNORE_INDEX  # [batch, seq]
-    counts = mask.sum(1).tolist()
-    target = labels[mask]  # [n]
-    selected = logits[mask]  # [n, vocab]
-    logp = torch.log_softmax(selected.float(), dim=-1)
+def _batch_statistics(scores: TokenScores) -> dict[str, list[np.ndarray]]:
+    """One array per record over its target positions."""
+    mask = scores.mask  # [batch, seq]
+    logp = scores.log_softmax[mask]  # [n, vocab], float32 or wider
     p = logp.exp()
     mean = (p * logp).sum(-1)
     var = (p * logp.square()).sum(-1) - mean.square()
     flat = {
-        "log_prob": logp.gather(-1, target[:, None])[:, 0].double(),
-        "correct": selected.argmax(-1) == target,
+        "log_prob": scores.log_probs[mask].double(),
+        "correct": scores.correct[mask],
         "mean": mean.double(),
         "std": var.clamp(min=0).sqrt().double(),
     }
-    return {key: [v.numpy() for v in value.cpu().split(counts)] for key, value in flat.items()}
+    return {key: [v.numpy() for v in per_record(value, mask)] for key, value in flat.items()}
 
 
 def exact_memorization_score(correct: Sequence[bool] | np.ndarray) -> float:
@@ -132,30 +119,25 @@ def memorization_metrics(stats: TokenStatistics) -> dict[str, dict[str, Any]]:
 
 def exact_memorization(
     model: Any,
-    tokenizer: Any,
+    task: Task,
     records: Sequence[Mapping[str, Any]],
     *,
     batch_size: int = 32,
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """``{"value": mean EM, "per_example": [EM per record]}``."""
-    stats = token_statistics(model, tokenizer, records, batch_size=batch_size, progress=progress)
+    stats = token_statistics(model, task, records, batch_size=batch_size, progress=progress)
     return memorization_metrics(stats)["exact_memorization"]
 
 
 def extraction_strength(
     model: Any,
-    tokenizer: Any,
+    task: Task,
     records: Sequence[Mapping[str, Any]],
     *,
     batch_size: int = 32,
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """``{"value": mean ES, "per_example": [ES per record]}``."""
-    stats = token_statistics(model, tokenizer, records, batch_size=batch_size, progress=progress)
+    stats = token_statistics(model, task, records, batch_size=batch_size, progress=progress)
     return memorization_metrics(stats)["extraction_strength"]
-
-
-def _disabled(progress: bool | None) -> bool | None:
-    """tqdm's ``disable``: None hides the bar when not on a terminal."""
-    return None if progress is None else not progress

@@ -3,9 +3,9 @@
 The forget split is cut in two: the first ⌊n·fraction⌋ records (at least 1) are relearned,
 the others (at least 1) are held out. A deep copy of the unlearned model is fine-tuned for
 ``steps`` plain AdamW steps (learning rate ``lr``, torch defaults otherwise) on the
-relearned part, cycling through it in batches, with the mean token NLL of the completions
-as the loss; all randomness is seeded and kept inside (``torch.random.fork_rng``). The
-original models are never modified.
+relearned part, cycling through it in batches, with the mean token NLL of the batch's
+targets (``task.token_scores``: the completions) as the loss; all randomness is seeded and
+kept inside (``torch.random.fork_rng``). The original models are never modified.
 
 On the held-out part, the mean length-normalised probability P = exp(−mean token NLL) is
 measured before unlearning (P_b), after unlearning (P_a) and after relearning (P_r):
@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from analysis.scoring import score_completions
-from attribution.data import IGNORE_INDEX, collate, encode_record, pad_token_id
+from attribution.progress import progress_bar
+from attribution.task import Task, on_device
 
 STEPS = 10
 LEARNING_RATE = 1e-3  # sized for the embedded world's tiny models; pass less for LLMs
@@ -77,7 +77,7 @@ def relearning_unavailable(reason: str, steps: int = 0) -> dict[str, Any]:
 def relearning_robustness(
     before: Any,
     after: Any,
-    tokenizer: Any,
+    task: Task,
     forget: Sequence[Mapping[str, Any]],
     *,
     steps: int = STEPS,
@@ -96,7 +96,7 @@ def relearning_robustness(
     relearn, held_out = list(forget[:n_relearn]), list(forget[n_relearn:])
     relearned = relearned_copy(
         after,
-        tokenizer,
+        task,
         relearn,
         steps=steps,
         lr=lr,
@@ -105,7 +105,7 @@ def relearning_robustness(
         progress=progress,
     )
     p = {
-        role: mean_probability(model, tokenizer, held_out, batch_size)
+        role: mean_probability(model, task, held_out, batch_size)
         for role, model in (("before", before), ("after", after), ("relearned", relearned))
     }
     del relearned
@@ -122,7 +122,7 @@ def relearning_robustness(
 
 def relearned_copy(
     model: Any,
-    tokenizer: Any,
+    task: Task,
     records: Sequence[Mapping[str, Any]],
     *,
     steps: int = STEPS,
@@ -131,47 +131,36 @@ def relearned_copy(
     batch_size: int = 32,
     progress: bool | None = None,
 ) -> Any:
-    """A deep copy of ``model`` fine-tuned ``steps`` AdamW steps on ``records`` (eval mode)."""
+    """A deep copy of ``model`` fine-tuned ``steps`` AdamW steps on ``records`` (eval mode).
+
+    The loss of a batch is the mean token NLL of its targets (``task.token_scores``), in
+    train mode.
+    """
     clone = copy.deepcopy(model)
     clone.train()
     for param in clone.parameters():
         param.requires_grad_(True)
     device = next(clone.parameters()).device
-    pad = pad_token_id(tokenizer)
-    encoded = [encode_record(tokenizer, r) for r in records]
-    size = min(batch_size, len(encoded))
+    records = list(records)
+    size = min(batch_size, len(records))
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         optimizer = torch.optim.AdamW(clone.parameters(), lr=lr)
-        for step in tqdm(range(steps), desc="relearning", disable=_disabled(progress), leave=False):
-            start = (step * size) % len(encoded)
-            chunk = (encoded + encoded)[start : start + size]
-            batch = {k: v.to(device) for k, v in collate(chunk, pad).items()}
+        for step in progress_bar(range(steps), "relearning", progress):
+            start = (step * size) % len(records)
+            batch = on_device(task.collate((records + records)[start : start + size]), device)
+            scores = task.token_scores(clone, batch)
             optimizer.zero_grad(set_to_none=True)
-            _mean_nll(clone, batch).backward()
+            (scores.nll.sum() / scores.length.sum()).backward()  # mean token NLL of the batch
             optimizer.step()
     clone.eval()
     return clone
 
 
-def _mean_nll(model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Mean token NLL over the labelled tokens of a batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX
-    )
-
-
 def mean_probability(
-    model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], batch_size: int = 32
+    model: Any, task: Task, records: Sequence[Mapping[str, Any]], batch_size: int = 32
 ) -> float:
     """Mean over records of exp(−mean token NLL)."""
-    scores = score_completions(model, tokenizer, records, batch_size=batch_size, progress=False)
+    scores = score_completions(model, task, records, batch_size=batch_size, progress=False)
     return float(np.mean(scores.probability.double().numpy()))
-
-
-def _disabled(progress: bool | None) -> bool | None:
-    """tqdm's ``disable``: None hides the bar when not on a terminal."""
-    return None if progress is None else not progress

@@ -7,6 +7,8 @@ For a reference answer a (words a₁…aₙ) and a generation g (words g₁…g�
 LCS the length of the longest common subsequence of the two word sequences. Words are
 the runs of letters, digits and underscores of the lower-cased text (``\\w+``), the
 tokenization of ``rouge_score`` without its stemmer; an answer with no word scores 0.
+Generating needs a tokenizer: the task's ``tokenizer`` attribute (a task without one, or
+``{"text"}`` records, mark the metric unavailable, with the reason).
 
 The LCS runs as a numba kernel on integer word ids (the classic O(n·m) dynamic
 programme with two rows); :func:`lcs_length_reference` is the obvious pure-Python
@@ -27,9 +29,10 @@ from typing import Any
 import numba
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from attribution.data import IGNORE_INDEX, encode_record, pad_token_id
+from attribution.progress import progress_bar
+from attribution.task import Task
 
 EXTRA_TOKENS = 8  # generation budget beyond the reference's own token count
 _WORD = re.compile(r"\w+")
@@ -121,8 +124,7 @@ def generate_completions(
     prompts = [list(tokenizer(r["prompt"])["input_ids"]) for r in records]
     budgets = [_answer_tokens(tokenizer, r) + extra_tokens for r in records]
     texts: list[str] = []
-    starts = range(0, len(records), batch_size)
-    for start in tqdm(starts, desc="generating", disable=_disabled(progress), leave=False):
+    for start in progress_bar(range(0, len(records), batch_size), "generating", progress):
         chunk = prompts[start : start + batch_size]
         input_ids, attention_mask = _left_pad(chunk, pad)
         out = model.generate(
@@ -145,7 +147,7 @@ def generate_completions(
 
 def rouge_l_recall(
     model: Any,
-    tokenizer: Any,
+    task: Task,
     records: Sequence[Mapping[str, Any]],
     *,
     batch_size: int = 32,
@@ -153,9 +155,15 @@ def rouge_l_recall(
 ) -> dict[str, Any]:
     """``{"value": mean recall, "per_example": [...]}`` of greedy generations vs completions.
 
-    Records without a ``prompt`` and ``completion`` (``{"text"}`` records) cannot be
-    generated from: the metric is then ``{"value": None, "per_example": [], "reason"}``.
+    Generation needs the task's ``tokenizer`` attribute. Without one, or for records
+    without a ``prompt`` and ``completion`` (``{"text"}`` records), the metric is
+    ``{"value": None, "per_example": [], "reason"}``.
     """
+    tokenizer = getattr(task, "tokenizer", None)
+    if tokenizer is None:
+        return unavailable(
+            f"ROUGE-L generates text and the task ({type(task).__name__}) has no tokenizer"
+        )
     if not all("prompt" in r and "completion" in r for r in records):
         return unavailable("ROUGE-L needs prompt/completion records")
     generations = generate_completions(
@@ -192,8 +200,3 @@ def _left_pad(sequences: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, t
             ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
             mask[row, width - len(seq) :] = 1
     return ids, mask
-
-
-def _disabled(progress: bool | None) -> bool | None:
-    """tqdm's ``disable``: None hides the bar when not on a terminal."""
-    return None if progress is None else not progress

@@ -1,14 +1,25 @@
 """Teacher-forced scoring of completions: the building block of most metrics.
 
-For each record, one forward pass gives, over its labelled tokens t (the completion):
+Every metric of :mod:`analysis` scores records the same way: the records go through the
+task (``task.collate``, then ``task.token_scores``: one forward pass, no gradients, the
+model in eval mode; :func:`attribution.task.scored_batches`), so a custom
+:class:`~attribution.task.Task` changes what every metric measures. A Hugging Face causal
+LM is described by ``LanguageModelingTask(tokenizer)``: its targets are a record's
+completion tokens (every token of a ``text`` record).
+
+For each record, over its target tokens t:
 
 - ``nll``: the summed negative log-likelihood  -Σₜ log p(yₜ | y<ₜ);
-- ``n_tokens``: how many tokens are labelled;
-- ``n_correct``: how many tokens are the model's argmax.
+- ``n_tokens``: how many tokens are targets;
+- ``n_correct``: how many targets are the model's argmax.
 
-A completion is reproduced exactly by greedy decoding if and only if every labelled token
+A completion is reproduced exactly by greedy decoding if and only if every target token
 is the argmax under teacher forcing (``n_correct == n_tokens``): greedy decoding feeds
 back exactly those tokens. The mean-NLL probability of TOFU is exp(-nll / n_tokens).
+
+>>> scores = CompletionScores(torch.tensor([0.0, 2.0]), torch.tensor([2, 2]), torch.tensor([2, 1]))
+>>> scores.exact.tolist(), [round(p, 4) for p in scores.probability.tolist()]
+([True, False], [1.0, 0.3679])
 """
 
 from __future__ import annotations
@@ -18,18 +29,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from attribution.data import IGNORE_INDEX, collate, encode_record, pad_token_id
+from attribution.task import LanguageModelingTask, Task, scored_batches
 
 
 @dataclass(frozen=True)
 class CompletionScores:
     """Per-record teacher-forced statistics (tensors of length ``n_records``)."""
 
-    nll: torch.Tensor
-    n_tokens: torch.Tensor
-    n_correct: torch.Tensor
+    nll: torch.Tensor  # float32 (or wider)
+    n_tokens: torch.Tensor  # int64
+    n_correct: torch.Tensor  # int64
 
     @property
     def exact(self) -> torch.Tensor:
@@ -42,39 +52,38 @@ class CompletionScores:
         return torch.exp(-self.nll / self.n_tokens.clamp(min=1))
 
 
-@torch.no_grad()
 def score_completions(
     model: torch.nn.Module,
-    tokenizer: Any,
+    task: Task,
     records: Sequence[Mapping[str, Any]],
     batch_size: int = 32,
     progress: bool | None = None,
 ) -> CompletionScores:
-    """Score every record's completion under ``model`` (on the model's own device)."""
-    device = next(model.parameters()).device
-    pad = pad_token_id(tokenizer)
-    encoded = [encode_record(tokenizer, r) for r in records]
+    """Score every record's targets under ``model`` (on the model's own device).
+
+    ``task`` is a :class:`~attribution.task.Task`; a bare tokenizer (anything without
+    ``token_scores``) is taken as ``LanguageModelingTask(tokenizer)``, for callers that
+    predate tasks.
+    """
+    task = as_task(task)
     nll, n_tokens, n_correct = [], [], []
-    was_training = model.training
-    model.eval()
-    starts = range(0, len(encoded), batch_size)
-    for start in tqdm(starts, desc="scoring", disable=_disabled(progress), leave=False):
-        chunk = collate(encoded[start : start + batch_size], pad)
-        batch = {k: v.to(device) for k, v in chunk.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]  # predict token t+1
-        mask = labels != IGNORE_INDEX
-        safe = labels.clamp(min=0)
-        token_nll = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), safe, reduction="none"
-        )  # [batch, seq]
-        nll.append((token_nll * mask).sum(1).cpu())
-        n_tokens.append(mask.sum(1).cpu())
-        n_correct.append(((logits.argmax(-1) == safe) & mask).sum(1).cpu())
-    model.train(was_training)
+    for *_, scores in scored_batches(model, task, records, batch_size, "scoring", progress):
+        nll.append(scores.nll.cpu())
+        n_tokens.append(scores.length.cpu())
+        n_correct.append(scores.correct.sum(1).cpu())
     return CompletionScores(torch.cat(nll), torch.cat(n_tokens), torch.cat(n_correct))
 
 
-def _disabled(progress: bool | None) -> bool | None:
-    """tqdm's ``disable``: None hides the bar when not on a terminal."""
-    return None if progress is None else not progress
+def as_task(task: Task | Any) -> Task:
+    """``task`` itself, or ``LanguageModelingTask(task)`` when it is a tokenizer."""
+    return task if hasattr(task, "token_scores") else LanguageModelingTask(task)
+
+
+def per_record(values: torch.Tensor, scores_mask: torch.Tensor) -> list[torch.Tensor]:
+    """``values`` (one per target token, row-major) cut into one CPU tensor per record.
+
+    >>> mask = torch.tensor([[True, False, True], [False, True, False]])
+    >>> [v.tolist() for v in per_record(torch.tensor([1.0, 2.0, 3.0]), mask)]
+    [[1.0, 2.0], [3.0]]
+    """
+    return list(values.cpu().split(scores_mask.sum(1).tolist()))

@@ -1,7 +1,7 @@
 """Knowledge shift between two models, and which parameters changed.
 
-Per record, with answer tokens t = 1…T after a prompt x, teacher forced under both models
-(same tokenizer):
+Per record, with answer tokens t = 1…T after a prompt x (the targets of the task's
+``token_scores``), teacher forced under both models (one task, so the same tokens):
 
 - log-probability change Δ = Σₜ log p_after(yₜ | x, y<ₜ) − Σₜ log p_before(yₜ | x, y<ₜ)
   (negative: the answer became less likely);
@@ -31,10 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from attribution.data import IGNORE_INDEX, collate, encode_record, pad_token_id
+from analysis.scoring import per_record
 from attribution.errors import InputError
+from attribution.progress import evaluating
+from attribution.task import Task, on_device, scored_batches
 
 N_RESAMPLES = 1000
 TOP = 10
@@ -45,45 +46,31 @@ class StateMismatchError(InputError):
     """Two state dicts do not hold the same tensor names and shapes."""
 
 
-@torch.no_grad()
 def token_shift(
     before: Any,
     after: Any,
-    tokenizer: Any,
+    task: Task,
     records: Sequence[Mapping[str, Any]],
     *,
     batch_size: int = 32,
     progress: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(Δ, KL)`` per record (float64 arrays); each model runs on its own device."""
-    pad = pad_token_id(tokenizer)
-    encoded = [encode_record(tokenizer, r) for r in records]
     change, kl = [], []
-    starts = range(0, len(encoded), batch_size)
-    for start in tqdm(starts, desc="knowledge shift", disable=_disabled(progress), leave=False):
-        batch = collate(encoded[start : start + batch_size], pad)
-        logp_before = _answer_log_probs(before, batch)  # [n_tokens, vocab]
-        logp_after = _answer_log_probs(after, batch).to(logp_before.device)
-        labels = batch["labels"][:, 1:]
-        mask = labels != IGNORE_INDEX
-        target = labels[mask].to(logp_before.device)
-        picked = (logp_after - logp_before).gather(-1, target[:, None])[:, 0]  # [n_tokens]
-        token_kl = (logp_before.exp() * (logp_before - logp_after)).sum(-1)  # [n_tokens]
-        counts = mask.sum(1).tolist()
-        change += [float(c.sum()) for c in picked.double().cpu().split(counts)]
-        kl += [float(c.mean()) for c in token_kl.double().cpu().split(counts)]
+    device = next(after.parameters()).device
+    with evaluating(after), torch.no_grad():
+        for *_, batch, old in scored_batches(
+            before, task, records, batch_size, "knowledge shift", progress
+        ):
+            new = task.token_scores(after, on_device(batch, device))
+            logp_before = old.log_softmax[old.mask]  # [n_tokens, vocab]
+            logp_after = new.log_softmax[new.mask].to(logp_before.device)
+            target = old.labels[old.mask]  # [n_tokens]
+            picked = (logp_after - logp_before).gather(-1, target[:, None])[:, 0]  # [n_tokens]
+            token_kl = (logp_before.exp() * (logp_before - logp_after)).sum(-1)  # [n_tokens]
+            change += [float(c.sum()) for c in per_record(picked.double(), old.mask)]
+            kl += [float(c.mean()) for c in per_record(token_kl.double(), old.mask)]
     return np.array(change, dtype=np.float64), np.array(kl, dtype=np.float64)
-
-
-def _answer_log_probs(model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """log p(· | x, y<ₜ) at every labelled position, float32 ``[n_tokens, vocab]``."""
-    device = next(model.parameters()).device
-    logits = model(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
-    ).logits[:, :-1]
-    mask = (batch["labels"][:, 1:] != IGNORE_INDEX).to(device)
-    return torch.log_softmax(logits[mask].float(), dim=-1)
 
 
 def bootstrap_mean_ci(
@@ -159,7 +146,7 @@ def _shifted(record: Mapping[str, Any], index: int, change: float, kl: float) ->
 def knowledge_shift(
     before: Any,
     after: Any,
-    tokenizer: Any,
+    task: Task,
     records: Sequence[Mapping[str, Any]],
     *,
     seed: int = 0,
@@ -169,9 +156,7 @@ def knowledge_shift(
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Δ and KL from ``before`` to ``after`` on ``records``, as :func:`summarize_shift` gives."""
-    change, kl = token_shift(
-        before, after, tokenizer, records, batch_size=batch_size, progress=progress
-    )
+    change, kl = token_shift(before, after, task, records, batch_size=batch_size, progress=progress)
     return summarize_shift(records, change, kl, seed=seed, n_resamples=n_resamples, top=top)
 
 
@@ -242,8 +227,3 @@ def check_same_tensors(
                 f"parameter {name} has shape {tuple(tensor.shape)} in the first model and "
                 f"{tuple(after[name].shape)} in the second; compare the same architecture"
             )
-
-
-def _disabled(progress: bool | None) -> bool | None:
-    """tqdm's ``disable``: None hides the bar when not on a terminal."""
-    return None if progress is None else not progress

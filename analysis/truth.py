@@ -35,6 +35,7 @@ from scipy import stats
 
 from analysis.rouge import unavailable
 from analysis.scoring import score_completions
+from attribution.task import Task
 
 _MAX_LOG_RATIO = 700.0  # exp(±700) stays a finite float64 (and valid JSON)
 
@@ -79,13 +80,17 @@ def truth_ratio_fields_missing(records: Sequence[Mapping[str, Any]]) -> str | No
 
 def answer_log_probs(
     model: Any,
-    tokenizer: Any,
+    task: Task,
     records: Sequence[Mapping[str, Any]],
     *,
     batch_size: int = 32,
     progress: bool | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Mean token log-probs log P(ã | q) per record and log P(âⱼ | q) per perturbed answer."""
+    """Mean token log-probs log P(ã | q) per record and log P(âⱼ | q) per perturbed answer.
+
+    Each (question, answer) pair is a derived ``{"prompt", "completion"}`` record, scored
+    through ``task`` like any other record.
+    """
     questions = [r.get("paraphrased_prompt") or r["prompt"] for r in records]
     answers = [[r["paraphrased_completion"], *r["perturbed_completions"]] for r in records]
     flat = [
@@ -93,7 +98,7 @@ def answer_log_probs(
         for q, group in zip(questions, answers, strict=True)
         for a in group
     ]
-    scores = score_completions(model, tokenizer, flat, batch_size=batch_size, progress=progress)
+    scores = score_completions(model, task, flat, batch_size=batch_size, progress=progress)
     log_p = (-scores.nll / scores.n_tokens.clamp(min=1)).double().numpy()
     paraphrased, perturbed, start = [], [], 0
     for group in answers:
@@ -116,7 +121,7 @@ def truth_ratio_metric(
 
 def truth_ratio(
     model: Any,
-    tokenizer: Any,
+    task: Task,
     records: Sequence[Mapping[str, Any]],
     *,
     forget: bool,
@@ -128,7 +133,7 @@ def truth_ratio(
     if reason is not None:
         return unavailable(reason)
     paraphrased, perturbed = answer_log_probs(
-        model, tokenizer, records, batch_size=batch_size, progress=progress
+        model, task, records, batch_size=batch_size, progress=progress
     )
     return truth_ratio_metric(paraphrased, perturbed, forget=forget)
 

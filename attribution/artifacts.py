@@ -1,4 +1,4 @@
-"""Artifact folders: a marker that names them, atomic writes, and the ``--out`` check.
+"""Artifact folders: a marker that names them, atomic writes, and the artifact-kind check.
 
 Shared by every layer's artifact store (factors, scores, unlearned models, reports, the
 embedded world).
@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,27 +63,6 @@ def check_output_folder(path: str | Path, kind: str) -> Path:
     if found != kind:
         raise InputError(f"--out {path}: holds an excise {found!r} artifact, not {kind!r}")
     return path
-
-
-def check_apart(path: str | Path, inputs: Iterable[str | Path], what: str = "a folder") -> Path:
-    """``path`` resolved, refused when it is, holds or lies inside one of ``inputs``.
-
-    >>> check_apart("/tmp/out", ["/data/model"]).name
-    'out'
-    >>> try:
-    ...     check_apart("/data/model/edited", ["/data/model"])
-    ... except InputError as err:
-    ...     print(err)
-    --out /data/model/edited: must be a folder apart from the inputs (it would touch /data/model)
-    """
-    out = Path(path).resolve()
-    for item in map(Path, inputs):
-        item = item.resolve()
-        if out == item or out in item.parents or item in out.parents:
-            raise InputError(
-                f"--out {path}: must be {what} apart from the inputs (it would touch {item})"
-            )
-    return out
 
 
 @contextlib.contextmanager

@@ -23,9 +23,11 @@ The damped inverse product with V of shape [out, in (+1)] is
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,11 +36,13 @@ from torch import nn
 from attribution.errors import InputError, NonFiniteError
 from attribution.gradients import module_io, outer_sum
 from attribution.modules import select_modules
+from attribution.store import FactorStore
 from attribution.task import Task, batches
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 FISHER_TYPES = ("true", "empirical")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DAMPING_FACTOR = 0.1  # λ = 0.1 × mean eigenvalue per module (Grosse et al. 2023)
 STAGES = {  # the stages each strategy fits, in order
     "identity": (),
     "diagonal": ("diagonal",),
@@ -48,11 +52,52 @@ STAGES = {  # the stages each strategy fits, in order
 
 
 @dataclass(frozen=True)
+class Damping:
+    """λ of the damped inverse (G + λI)⁻¹: absolute, or a multiple of each module's mean
+    eigenvalue (Grosse et al. 2023: λ = 0.1 × mean(Λ)). One object, shared by influence
+    scores, the EK-FAC scope and the Newton step.
+
+    >>> Damping().factor, Damping(value=0.5).value, Damping.of(0.5) == Damping(value=0.5)
+    (0.1, 0.5, True)
+    """
+
+    value: float | None = field(
+        default=None, metadata={"help": "absolute damping λ (default: factor × mean eigenvalue)"}
+    )
+    factor: float = field(
+        default=DAMPING_FACTOR, metadata={"help": "λ = factor × each module's mean eigenvalue"}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("value", "factor"):
+            value = getattr(self, name)
+            if value is None and name == "value":
+                continue
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise InputError(f"damping {name} must be a finite number >= 0, got {value!r}")
+
+    @classmethod
+    def of(cls, damping: Damping | float | None) -> Damping:
+        """A :class:`Damping` from itself, an absolute λ, or None (the heuristic)."""
+        if isinstance(damping, Damping):
+            return damping
+        return cls() if damping is None else cls(value=float(damping))
+
+    def describe(self) -> str:
+        return f"{self.value:g}" if self.value is not None else f"{self.factor:g} × mean eigenvalue"
+
+
+@dataclass(frozen=True)
 class FactorArguments:
     """How factors are fitted. Every field is recorded beside the factors on disk."""
 
-    strategy: str = field(default="ekfac", metadata={"help": "identity, diagonal, kfac or ekfac"})
-    fisher: str = field(default="true", metadata={"help": "true (sampled labels) or empirical"})
+    strategy: str = field(
+        default="ekfac", metadata={"help": "the curvature approximation", "choices": STRATEGIES}
+    )
+    fisher: str = field(
+        default="true",
+        metadata={"help": "true (labels sampled) or empirical (data's)", "choices": FISHER_TYPES},
+    )
     modules: str | tuple[str, ...] | None = field(
         default=None, metadata={"help": "regex or module names; None: Linear/Conv1D in blocks"}
     )
@@ -116,22 +161,23 @@ class Factors:
             return t["diagonal"]
         raise InputError("the identity strategy has no eigenvalues")
 
-    def damping(self, module: str, damping: float | None = None, factor: float = 0.1) -> float:
-        """λ for ``module``: ``damping`` when given, else ``factor`` × mean(Λ)."""
-        if damping is not None:
-            return float(damping)
+    def damping(self, module: str, damping: Damping | float | None = None) -> float:
+        """λ for ``module`` (see :class:`Damping`; a number is an absolute λ)."""
+        damping = Damping.of(damping)
+        if damping.value is not None:
+            return float(damping.value)
         if self.arguments.strategy == "identity":
             return 0.0
-        return factor * self.eigenvalues(module).mean().item()
+        return damping.factor * self.eigenvalues(module).mean().item()
 
     def inverse_product(
-        self, module: str, vectors: torch.Tensor, damping: float | None = None, factor: float = 0.1
+        self, module: str, vectors: torch.Tensor, damping: Damping | float | None = None
     ) -> torch.Tensor:
         """(G + λI)⁻¹ V for a batch V of shape [..., out, in (+1)] (identity: V itself)."""
         strategy = self.arguments.strategy
         if strategy == "identity":
             return vectors
-        lam = self.damping(module, damping, factor)
+        lam = self.damping(module, damping)
         eig = self.eigenvalues(module).to(vectors.dtype)
         if strategy == "diagonal":
             return vectors / (eig + lam)
@@ -142,7 +188,7 @@ class Factors:
         return q_s @ (rotated / (eig + lam)) @ q_a.T
 
     def quadratic_form(
-        self, module: str, vectors: torch.Tensor, damping: float | None = None, factor: float = 0.1
+        self, module: str, vectors: torch.Tensor, damping: Damping | float | None = None
     ) -> torch.Tensor:
         """vᵀ (G + λI)⁻¹ v for each V of a batch [..., out, in (+1)], shape [...].
 
@@ -152,7 +198,7 @@ class Factors:
         strategy = self.arguments.strategy
         if strategy == "identity":
             return (vectors**2).sum(dim=(-2, -1))
-        lam = self.damping(module, damping, factor)
+        lam = self.damping(module, damping)
         eig = self.eigenvalues(module).to(vectors.dtype)
         if strategy != "diagonal":
             t = self.tensors[module]
@@ -162,15 +208,29 @@ class Factors:
         return (vectors**2 / (eig + lam)).sum(dim=(-2, -1))
 
     def precondition(
-        self,
-        gradients: Mapping[str, torch.Tensor],
-        damping: float | None = None,
-        factor: float = 0.1,
+        self, gradients: Mapping[str, torch.Tensor], damping: Damping | float | None = None
     ) -> dict[str, torch.Tensor]:
         """:meth:`inverse_product` for every module of a gradient dict."""
-        return {
-            name: self.inverse_product(name, v, damping, factor) for name, v in gradients.items()
+        return {name: self.inverse_product(name, v, damping) for name, v in gradients.items()}
+
+    @classmethod
+    def load(cls, folder: str | Path, model: nn.Module | None = None) -> Factors:
+        """The factors saved in ``folder`` (a :class:`~attribution.store.FactorStore`).
+
+        With ``model``, refuse factors fitted for another model.
+        """
+        store = FactorStore.existing(folder, model)
+        arguments = FactorArguments(**store.description["arguments"])
+        tensors: dict[str, dict[str, torch.Tensor]] = {
+            name: {} for name in store.description["modules"]
         }
+        for stage in STAGES[arguments.strategy]:
+            values = store.load_nested(stage)
+            if values is None:
+                raise InputError(f"{folder}: stage {stage!r} was never finished; fit again")
+            for name, quantities in values.items():
+                tensors[name].update(quantities)
+        return cls(arguments, tensors)
 
 
 def fit_factors(
@@ -195,8 +255,6 @@ def fit_factors(
         raise InputError("no examples to fit factors on")
     store = None
     if folder is not None:
-        from attribution.store import FactorStore
-
         store = FactorStore.open_for(folder, arguments, model, list(modules))
     tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
     seconds: dict[str, float] = {}

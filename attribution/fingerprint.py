@@ -17,6 +17,7 @@ True
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -37,7 +38,12 @@ def tensor_hashes(model: nn.Module) -> dict[str, str]:
 
 def model_fingerprint(model: nn.Module) -> str:
     """One hash of every tensor's name and hash: equal iff the weights are equal."""
+    return fingerprint_of(tensor_hashes(model))
+
+
+def fingerprint_of(hashes: Mapping[str, str]) -> str:
+    """The model fingerprint from per-tensor hashes already computed (no second hashing)."""
     digest = hashlib.sha256()
-    for name, value in sorted(tensor_hashes(model).items()):
+    for name, value in sorted(hashes.items()):
         digest.update(f"{name}={value};".encode())
     return digest.hexdigest()

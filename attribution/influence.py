@@ -19,7 +19,6 @@ sum to the total too. With ``query_rank`` the P_q are replaced by their rank-r S
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,13 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from attribution.artifacts import package_version
-from attribution.curvature import DTYPES, Factors, partition_bounds
+from attribution.curvature import DTYPES, Damping, Factors, partition_bounds
 from attribution.errors import InputError
-from attribution.fingerprint import model_fingerprint
 from attribution.gradients import example_gradients, module_io, outer_sum
 from attribution.modules import select_modules
-from attribution.store import TensorStore
+from attribution.store import ScoreStore
 from attribution.task import Task, batches
 
 
@@ -42,10 +39,9 @@ from attribution.task import Task, batches
 class ScoreArguments:
     """How scores are computed from factors."""
 
-    damping: float | None = field(
-        default=None, metadata={"help": "absolute λ; None: damping_factor × mean eigenvalue"}
+    damping: Damping = field(
+        default_factory=Damping, metadata={"help": "λ of (G + λI)⁻¹ (see Damping)"}
     )
-    damping_factor: float = field(default=0.1, metadata={"help": "the heuristic's multiplier"})
     query_rank: int | None = field(
         default=None, metadata={"help": "rank-r SVD of preconditioned queries; None: exact"}
     )
@@ -68,8 +64,7 @@ class ScoreArguments:
             not isinstance(self.query_rank, int) or self.query_rank < 1
         ):
             raise InputError(f"ScoreArguments.query_rank must be >= 1, got {self.query_rank!r}")
-        if self.damping is not None and not self.damping >= 0:
-            raise InputError(f"ScoreArguments.damping must be >= 0, got {self.damping!r}")
+        object.__setattr__(self, "damping", Damping.of(self.damping))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,9 +125,7 @@ def precondition_queries(
     for _, _, batch in batches(model, task, queries, arguments.batch_size, "queries", progress):
         grads = _gradients(model, task, batch, modules, arguments, measurement=True)
         for name, grad in grads.items():
-            chunks[name].append(
-                factors.inverse_product(name, grad, arguments.damping, arguments.damping_factor)
-            )
+            chunks[name].append(factors.inverse_product(name, grad, arguments.damping))
     result = QueryGradients()
     for name, parts in chunks.items():
         dense = torch.cat(parts)
@@ -207,7 +200,7 @@ def stored_pairwise_scores(
     JSON strings in its metadata.
     """
     arguments = arguments or ScoreArguments()
-    store = ScoreStore.open(folder, _score_description(model, queries, train, factors, arguments))
+    store = ScoreStore.open_for(folder, model, queries, train, factors, arguments)
     done = store.load("pairwise")
     if done is not None:
         return _from_tensors(done)
@@ -229,32 +222,6 @@ def stored_pairwise_scores(
     store.save("pairwise", dict(as_mapping(scores)), metadata)
     store.drop_parts("pairwise")
     return scores
-
-
-class ScoreStore(TensorStore):
-    """Influence scores of one model, one factor fit, one query set and one train set."""
-
-    kind = "scores"
-
-
-def _score_description(model, queries, train, factors, arguments) -> dict[str, Any]:
-    return {
-        "arguments": arguments.to_dict(),
-        "factor_arguments": factors.arguments.to_dict(),
-        "modules": factors.modules,
-        "model_fingerprint": model_fingerprint(model),
-        "queries_sha256": _examples_hash(queries),
-        "train_sha256": _examples_hash(train),
-        "excise_version": package_version(),
-    }
-
-
-def _examples_hash(examples: Sequence[Any]) -> str:
-    digest = hashlib.sha256()
-    for example in examples:
-        digest.update(json.dumps(example, sort_keys=True, default=str).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
 
 
 def _from_tensors(tensors: Mapping[str, torch.Tensor]) -> Scores:
@@ -290,7 +257,7 @@ def self_scores(
         grads = _gradients(model, task, batch, modules, arguments, measurement=False)
         total = None
         for name, grad in grads.items():
-            term = factors.quadratic_form(name, grad, arguments.damping, arguments.damping_factor)
+            term = factors.quadratic_form(name, grad, arguments.damping)
             total = term if total is None else total + term
         result.append(total)
     return torch.cat(result)

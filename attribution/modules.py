@@ -128,3 +128,21 @@ def _named_module(named: dict[str, nn.Module], name: str) -> nn.Module:
     close = difflib.get_close_matches(name, [n for n in named if n], n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ModuleSelectionError(f"the model has no module named {name!r}{hint}")
+
+
+LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer block number in a parameter or module name, or None.
+
+    Blocks are the numbered children of a ``layers``/``layer``/``h``/``blocks``/``block``
+    container (Llama, BERT, GPT-2 ...); the manifest and the audit report both use this.
+
+    >>> layer_index("model.layers.3.mlp.up_proj.weight"), layer_index("transformer.h.11.attn")
+    (3, 11)
+    >>> layer_index("lm_head.weight") is None
+    True
+    """
+    found = LAYER_PATTERN.search(name)
+    return int(found.group(1)) if found else None

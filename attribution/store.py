@@ -14,14 +14,18 @@ change: results do not depend on it). A run with other arguments, another model 
 data is refused with a message that says which differs.
 
 Factor folders (:class:`FactorStore`) keep ``covariance``, ``eigendecomposition`` and
-``lambda`` (or ``diagonal``), with keys ``"<module>/<quantity>"``.
+``lambda`` (or ``diagonal``), with keys ``"<module>/<quantity>"``
+(:meth:`attribution.curvature.Factors.load` reads them back). Score folders
+(:class:`ScoreStore`) keep ``pairwise`` (and ``self``) with their ids in the metadata.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,32 +135,56 @@ class FactorStore(TensorStore):
         self.save(name, {f"{m}/{q}": t for m, qs in values.items() for q, t in qs.items()})
 
     @classmethod
-    def load_factors(cls, folder: str | Path, model: nn.Module | None = None):
-        """The :class:`~attribution.curvature.Factors` saved in ``folder``.
-
-        With ``model``, refuse factors fitted for another model.
-        """
-        from attribution.curvature import STAGES, FactorArguments, Factors
-
+    def existing(cls, folder: str | Path, model: nn.Module | None = None) -> FactorStore:
+        """An existing factor folder; with ``model``, refused when fitted for another model."""
         folder = Path(folder)
         if artifact_kind(folder) != cls.kind:
             raise InputError(f"{folder}: not an excise factor folder")
-        saved = read_description(folder)
-        if model is not None and saved.get("model_fingerprint") != model_fingerprint(model):
+        store = cls(folder)
+        if model is not None and store.description.get("model_fingerprint") != model_fingerprint(
+            model
+        ):
             raise FactorMismatchError(
                 f"{folder}: the factors were fitted for another model (fingerprints differ); "
                 "fit factors for this model"
             )
-        arguments = FactorArguments(**saved["arguments"])
-        store = cls(folder)
-        tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in saved["modules"]}
-        for stage in STAGES[arguments.strategy]:
-            values = store.load_nested(stage)
-            if values is None:
-                raise InputError(f"{folder}: stage {stage!r} was never finished; fit again")
-            for name, quantities in values.items():
-                tensors[name].update(quantities)
-        return Factors(arguments, tensors)
+        return store
+
+    @property
+    def description(self) -> dict[str, Any]:
+        """The folder's ``arguments.json``: arguments, modules, model fingerprint."""
+        return read_description(self.folder)
+
+
+class ScoreStore(TensorStore):
+    """Influence scores of one model, one factor fit, one query set and one train set."""
+
+    kind = "scores"
+
+    @classmethod
+    def open_for(
+        cls, folder: str | Path, model: nn.Module, queries, train, factors, arguments
+    ) -> ScoreStore:
+        """Open ``folder`` for these scores (refused when it holds other scores)."""
+        description = {
+            "arguments": arguments.to_dict(),
+            "factor_arguments": factors.arguments.to_dict(),
+            "modules": factors.modules,
+            "model_fingerprint": model_fingerprint(model),
+            "queries_sha256": examples_sha256(queries),
+            "train_sha256": examples_sha256(train),
+            "excise_version": package_version(),
+        }
+        return cls.open(folder, description)
+
+
+def examples_sha256(examples: Sequence[Any]) -> str:
+    """SHA-256 of examples as canonical JSON lines (what a score store was computed on)."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps(example, sort_keys=True, default=str).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
 
 
 def read_description(folder: Path) -> dict[str, Any]:

@@ -243,7 +243,8 @@ class WorldSetting:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(folder / "base")
-        from attribution import LanguageModelingTask, encode_record, pad_token_id
+        from attribution import LanguageModelingTask
+        from attribution.data import encode_record, pad_token_id
 
         self.pad_id = pad_token_id(self.tokenizer)
         self.task = LanguageModelingTask(pad_id=self.pad_id)

@@ -164,7 +164,7 @@ def load_bench(folder: Path, seed: int = 0) -> Bench:
 
 def forget_ratios(bench: Bench, model: nn.Module) -> np.ndarray:
     """Truth ratio R per forget question (paraphrased vs perturbed answers)."""
-    paraphrased, perturbed = answer_log_probs(model, bench.tokenizer, bench.sets["forget"])
+    paraphrased, perturbed = answer_log_probs(model, bench.task, bench.sets["forget"])
     return truth_ratios(paraphrased, perturbed)
 
 
@@ -193,7 +193,7 @@ def shared_scope(bench: Bench, scope: str, sparsity: float) -> tuple[Scope, floa
 def evaluate(bench: Bench, model: nn.Module) -> dict[str, Any]:
     """Forget efficacy, utility and neighbour shift of ``model`` (see the module docstring)."""
     losses = {f"{s}_loss": measure(model, bench.task, bench.sets[s], BATCH_SIZE) for s in SPLITS}
-    scores = score_completions(model, bench.tokenizer, bench.sets["forget"], progress=False)
+    scores = score_completions(model, bench.task, bench.sets["forget"], progress=False)
     ratios = forget_ratios(bench, model)
     quality = forget_quality(ratios, bench.reference_ratios)
     return {
@@ -207,7 +207,7 @@ def evaluate(bench: Bench, model: nn.Module) -> dict[str, Any]:
 
 def neighbor_shift(bench: Bench, model: nn.Module) -> dict[str, float]:
     """Mean |Δ log p| (with a bootstrap interval), mean Δ and mean KL on the neighbour set."""
-    change, kl = token_shift(bench.base, model, bench.tokenizer, bench.sets["neighbor"])
+    change, kl = token_shift(bench.base, model, bench.task, bench.sets["neighbor"])
     size = np.abs(change)
     low, high = bootstrap_mean_ci(size, seed=bench.seed)
     return {

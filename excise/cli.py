@@ -21,12 +21,13 @@ from excise import __version__
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 LIBRARY_LOGGERS = ("excise", "attribution", "unlearn", "analysis")
-FORGET_METHOD, FORGET_STEPS = "simnpo", 120  # excise forget's defaults (unlearn: npo, 60)
+FORGET_DEFAULTS = {"method": "simnpo", "steps": 120}  # excise forget's (unlearn: npo, 60)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     _configure_logging(quiet=args.quiet)
     from attribution.errors import InputError  # imports torch: not before --version
@@ -52,7 +53,16 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``argv``, only the named command's options are built in full.
+
+    The unlearning and attribution options come from the libraries' dataclasses (which
+    import torch), so ``excise --version`` and ``excise world`` skip building them.
+    """
+
+    def full(command: str) -> bool:
+        return argv is None or command in argv
+
     parser = _Parser(
         prog="excise",
         description="Attribute, scope, forget, and prove it.",
@@ -80,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="factors + influence scores + top-k proponents/opponents per query",
     )
-    _add_attribute_arguments(attr)
+    if full("attribute"):
+        _add_attribute_arguments(attr)
     attr.set_defaults(handler=_run_attribute)
 
     unl = commands.add_parser(
@@ -88,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="scope selection + unlearning; writes a new model folder + manifest",
     )
-    _add_unlearn_arguments(unl)
+    if full("unlearn"):
+        _add_unlearn_arguments(unl)
     unl.set_defaults(handler=_run_unlearn)
 
     aud = commands.add_parser(
@@ -106,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="the main job, end to end: attribute -> scope -> unlearn -> audit -> ledger",
     )
-    _add_forget_arguments(fgt)
+    if full("forget"):
+        _add_forget_arguments(fgt)
     fgt.set_defaults(handler=_run_forget)
     return parser
 
@@ -128,13 +141,9 @@ def _add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", required=True, help="training examples (JSONL/CSV/Parquet/...)")
     parser.add_argument("--query", required=True, help="query examples whose behaviour to explain")
     parser.add_argument("--out", required=True, help="output folder (created; reused on rerun)")
-    parser.add_argument(
-        "--strategy", default="ekfac", choices=("identity", "diagonal", "kfac", "ekfac")
-    )
-    parser.add_argument("--fisher", default="true", choices=("true", "empirical"))
-    parser.add_argument(
-        "--damping", type=float, help="absolute damping (default 0.1 × mean eigenvalue)"
-    )
+    from excise.commands.attribute import add_curvature_options
+
+    add_curvature_options(parser)
     parser.add_argument(
         "--modules",
         nargs="+",
@@ -178,55 +187,22 @@ def _run_attribute(args: argparse.Namespace) -> int:
 
 
 def _add_unlearn_arguments(
-    parser: argparse.ArgumentParser, data: bool = True, method: str = "npo", steps: int = 60
+    parser: argparse.ArgumentParser, data: bool = True, defaults: dict[str, Any] | None = None
 ) -> None:
-    """The unlearning options (``data``: also --model/--forget/--retain/--out)."""
+    """The unlearning options, from the libraries' argument dataclasses (``data``: also
+    --model/--forget/--retain/--out); ``defaults`` overrides UnlearnArguments' defaults."""
+    from excise.commands.unlearn import add_edit_options
+
     if data:
         parser.add_argument("--model", required=True, help="local Hugging Face causal-LM folder")
         parser.add_argument("--forget", required=True, help="the examples to forget")
         parser.add_argument("--retain", required=True, help="examples whose knowledge to keep")
         parser.add_argument("--out", required=True, help="output folder (must not exist)")
-    parser.add_argument(
-        "--method",
-        default=method,
-        choices=("ga", "gd", "kl", "npo", "simnpo", "idk", "rmu", "newton"),
-        help=f"objective (default {method}; newton: one scoped EK-FAC Newton step)",
-    )
-    parser.add_argument(
-        "--scope",
-        default="ekfac",
-        choices=("ekfac", "wagle", "saliency", "magnitude", "random", "all"),
-        help="how the editable parameters are chosen (default ekfac)",
-    )
-    parser.add_argument(
-        "--sparsity", type=float, default=0.05, help="fraction of parameters edited (0, 1]"
-    )
-    parser.add_argument("--ranking", default="global", choices=("global", "per_tensor"))
-    parser.add_argument("--granularity", default="parameter", choices=("parameter", "tensor"))
     parser.add_argument("--factors", help="reuse EK-FAC factors fitted for this model")
     parser.add_argument(
         "--reference", help="a model retrained without the forget set: stop at its forget loss"
     )
-    parser.add_argument(
-        "--steps", type=int, default=steps, help=f"optimizer steps (default {steps})"
-    )
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
-    parser.add_argument("--retain-weight", type=float, default=1.0, help="α of the retain term")
-    parser.add_argument("--beta", type=float, help="NPO/IDK β (0.1), SimNPO β (4.5)")
-    parser.add_argument(
-        "--retain-budget",
-        type=float,
-        default=0.5,
-        help="nats/token the retain loss may rise before stepping back (default 0.5)",
-    )
-    parser.add_argument("--forget-target", type=float, help="stop at this forget loss (nats/token)")
-    parser.add_argument("--weight-decay", type=float, default=0.01, help="in scope only")
-    parser.add_argument(
-        "--newton-iterations", type=int, default=1, help="newton: scoped steps (default 1)"
-    )
-    parser.add_argument("--rmu-layer", type=int, help="RMU's steered block (default: middle)")
-    parser.add_argument("--idk-text", default=" I don't know.", help="the IDK method's answer")
+    add_edit_options(parser, defaults)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
 
 
@@ -352,7 +328,7 @@ def _add_forget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ledger", help="the ledger file (default: $EXCISE_HOME/ledger.sqlite)")
     # SimNPO in the ekfac scope: a small neighbour shift for its forgetting among the
     # default-argument runs of benchmarks/unlearning.py (see benchmarks/results/).
-    _add_unlearn_arguments(parser, data=False, method=FORGET_METHOD, steps=FORGET_STEPS)
+    _add_unlearn_arguments(parser, data=False, defaults=FORGET_DEFAULTS)
     _add_relearn_arguments(parser)
 
 

@@ -2,61 +2,43 @@
 
 A scope (:class:`Scope`, boolean masks per parameter) is chosen by attribution
 (:func:`choose_scope`: EK-FAC Newton-direction influence, WAGLE, saliency, magnitude,
-random, all); an objective (gradient ascent, gradient difference, KL, NPO, SimNPO, IDK,
-RMU) is minimised by one masked loop, or a scoped EK-FAC Newton step is taken
-(:func:`unlearn`); :func:`scope_proof` lists a hash per tensor before and after.
+random, all); a method of :data:`METHODS` (gradient ascent, gradient difference, KL, NPO,
+SimNPO, IDK, RMU, a scoped EK-FAC Newton step) is run inside it (:func:`unlearn`), and
+:func:`scoped_edit` does all of it — hash, scope, unlearn, proof — as one call.
 
 >>> from unlearn import ScopeArguments, UnlearnArguments
 >>> ScopeArguments(method="wagle", sparsity=0.05).method, UnlearnArguments().method
 ('wagle', 'npo')
+
+Everything else stays importable from its module (:mod:`unlearn.objectives`,
+:mod:`unlearn.importance`, :mod:`unlearn.proof`, :mod:`unlearn.optimizer` ...).
 """
 
-from unlearn.importance import choose_scope, mean_gradient, newton_direction
-from unlearn.loop import METHODS, UnlearnArguments, UnlearnResult, check_sets, measure, unlearn
-from unlearn.objectives import (
-    gradient_ascent_loss,
-    gradient_difference_loss,
-    idk_loss,
-    kl_loss,
-    npo_loss,
-    rmu_loss,
-    simnpo_loss,
-    token_kl,
-)
-from unlearn.optimizer import MaskedAdamW
-from unlearn.proof import ScopeViolation, check_proof, scope_proof, state_hashes
-from unlearn.scope import SCOPES, Scope, ScopeArguments, full_scope, mask_from_scores
+from unlearn.arguments import UnlearnArguments
+from unlearn.edit import ScopedEdit, check_sets, scoped_edit, unlearn
+from unlearn.importance import choose_scope
+from unlearn.methods import METHODS, Method
+from unlearn.monitor import UnlearnResult, measure
+from unlearn.proof import ScopeViolation
+from unlearn.scope import SCOPES, Scope, ScopeArguments
 
 __all__ = [
+    # the edit
+    "ScopedEdit",
+    "scoped_edit",
+    "unlearn",
+    "UnlearnArguments",
+    "UnlearnResult",
+    "check_sets",
+    "measure",
     # scope
     "SCOPES",
     "Scope",
     "ScopeArguments",
     "choose_scope",
-    "full_scope",
-    "mask_from_scores",
-    # unlearning
+    # methods
     "METHODS",
-    "MaskedAdamW",
-    "UnlearnArguments",
-    "UnlearnResult",
-    "check_sets",
-    "measure",
-    "mean_gradient",
-    "newton_direction",
-    "unlearn",
-    # objectives
-    "gradient_ascent_loss",
-    "gradient_difference_loss",
-    "idk_loss",
-    "kl_loss",
-    "npo_loss",
-    "rmu_loss",
-    "simnpo_loss",
-    "token_kl",
+    "Method",
     # proof
     "ScopeViolation",
-    "check_proof",
-    "scope_proof",
-    "state_hashes",
 ]

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attribution.curvature import Factors
+from attribution.curvature import Damping, Factors
 from attribution.errors import InputError, NonFiniteError
 from attribution.modules import from_parameter_gradients, to_parameter_gradients
 from attribution.task import Task, batches
@@ -68,7 +68,7 @@ def newton_direction(
     model: nn.Module,
     factors: Factors,
     gradient: Mapping[str, torch.Tensor],
-    damping: float | None = None,
+    damping: Damping | float | None = None,
 ) -> dict[str, torch.Tensor]:
     """d = (G + λI)⁻¹ ḡ per tracked module, returned per parameter (others absent)."""
     named = dict(model.named_modules())
@@ -96,15 +96,16 @@ def ekfac_scores(
     factors: Factors,
     forget_gradient: Mapping[str, torch.Tensor],
     retain_gradient: Mapping[str, torch.Tensor],
-    retain_weight: float = 1.0,
+    retain_penalty: float = 1.0,
+    damping: Damping | float | None = None,
 ) -> dict[str, torch.Tensor]:
     """s_i = |d_i ḡ_f,i| − β |d_i ḡ_r,i|, d the Newton direction; untracked: −inf."""
-    direction = newton_direction(model, factors, forget_gradient)
+    direction = newton_direction(model, factors, forget_gradient, damping)
     scores = {}
     for name, g_f in forget_gradient.items():
         if name in direction:
             d = direction[name]
-            scores[name] = (d * g_f).abs() - retain_weight * (d * retain_gradient[name]).abs()
+            scores[name] = (d * g_f).abs() - retain_penalty * (d * retain_gradient[name]).abs()
         else:
             scores[name] = torch.full_like(g_f, -math.inf)
     return scores
@@ -172,7 +173,9 @@ def choose_scope(
             else:
                 if factors is None:
                     raise InputError("the ekfac scope needs EK-FAC factors")
-                scores = ekfac_scores(model, factors, g_f, g_r, arguments.retain_weight)
+                scores = ekfac_scores(
+                    model, factors, g_f, g_r, arguments.retain_penalty, arguments.damping
+                )
     return mask_from_scores(
         {n: s.cpu() for n, s in scores.items()},
         arguments.sparsity,

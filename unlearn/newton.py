@@ -6,10 +6,11 @@ the optimum, to first order, by
     Δθ = (1/N) H⁻¹ Σ_{z∈F} ∇ℓ(z) = (|F|/N) H⁻¹ ḡ_F
 
 (Koh & Liang 2017). With the damped EK-FAC curvature P = G + λI in place of H, the step is
-θ_S ← θ_S + η (P⁻¹ ḡ_F)_S on the in-scope elements S of the tracked modules; it raises the
-forget loss. η is found by a line search on a geometric grid around η₀ = |F| / (|F| + |R|)
-(the removal's own scale) that keeps the largest η whose retain loss stays within
-``retain_budget`` nats/token of the start (and stops at ``forget_target`` if given).
+θ_S ← θ_S + η (P⁻¹ ḡ_F)_S on the in-scope elements S of the tracked modules (λ is
+``arguments.damping``); it raises the forget loss. η is found by a line search on a
+geometric grid around η₀ = |F| / (|F| + |R|) (the removal's own scale) that keeps the
+largest η whose retain loss stays within ``retain_budget`` nats/token of the start (and
+stops at ``forget_target`` if given).
 With ``newton_iterations`` > 1 the gradient is recomputed and the step repeated.
 """
 
@@ -19,8 +20,9 @@ import torch
 
 from attribution.curvature import Factors
 from attribution.errors import InputError
+from attribution.progress import evaluating
 from unlearn.importance import mean_gradient, newton_direction, trainable
-from unlearn.loop import UnlearnResult, _eval_mode, _Monitor
+from unlearn.monitor import Monitor, UnlearnResult
 from unlearn.scope import Scope
 
 
@@ -33,16 +35,18 @@ def newton_unlearn(
     if arguments.retain_budget is None:
         raise InputError("the newton method's line search needs a retain budget")
     params = trainable(model)
-    monitor = _Monitor(model, task, forget, retain, arguments.batch_size)
+    monitor = Monitor(model, task, forget, retain, arguments.batch_size)
     result = UnlearnResult(history=[monitor.measure(0)])
     eta0 = len(forget) / (len(forget) + len(retain))
     iterations = []
-    with _eval_mode(model):
+    with evaluating(model):
         for iteration in range(arguments.newton_iterations):
             gradient = mean_gradient(
                 model, task, forget, arguments.batch_size, progress, "forget gradient"
             )
-            direction = _scoped(newton_direction(model, factors, gradient), scope)
+            direction = _scoped(
+                newton_direction(model, factors, gradient, arguments.damping), scope
+            )
             if not direction:
                 raise InputError("the scope holds no parameter of a module the factors track")
             base = {n: params[n].detach().clone() for n in direction}

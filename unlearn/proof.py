@@ -74,7 +74,13 @@ def check_proof(proof: Mapping[str, Any]) -> None:
     if proof["holds"]:
         return
     bad = [r["name"] for r in proof["per_tensor"] if r["in_scope"] == 0 and not r["identical"]]
-    raise ScopeViolation(f"tensors outside the scope changed: {', '.join(bad[:10])}")
+    missing = [r["name"] for r in proof["per_tensor"] if r["sha256_after"] is None]
+    if bad:
+        raise ScopeViolation(f"tensors outside the scope changed: {', '.join(bad[:10])}")
+    raise ScopeViolation(
+        "the edited model's tensors are not the original's: "
+        + (f"missing {', '.join(missing[:10])}" if missing else "it has tensors the original lacks")
+    )
 
 
 def parameter_owners(model: nn.Module) -> dict[str, str]:

@@ -8,8 +8,8 @@ mean score). The importance scores (:mod:`unlearn.importance`) are:
 
 - ``ekfac``: the share of parameter i in the Newton step that removes the forget set,
   d = (G + λI)⁻¹ ḡ_f, balanced against the retain set:
-  s_i = |d_i ḡ_f,i| − β |d_i ḡ_r,i| (first-order change of the forget loss minus that of
-  the retain loss, if parameter i alone took its Newton step);
+  s_i = |d_i ḡ_f,i| − β |d_i ḡ_r,i|, β = ``retain_penalty`` (first-order change of the
+  forget loss minus that of the retain loss, if parameter i alone took its Newton step);
 - ``wagle``: s = |(θ − ḡ_r / μ) ⊙ ḡ_f|, μ = 1e-6 (WAGLE's weight attribution);
 - ``saliency``: s = |ḡ_f| (SalUn);
 - ``magnitude``: s = |θ|; ``random``: uniform noise from the seed; ``all``: everything.
@@ -28,43 +28,63 @@ mean score). The importance scores (:mod:`unlearn.importance`) are:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from attribution.curvature import Damping
 from attribution.errors import InputError
+from attribution.modules import layer_index
 
 SCOPES = ("ekfac", "wagle", "saliency", "magnitude", "random", "all")
 RANKINGS = ("global", "per_tensor")
 GRANULARITIES = ("parameter", "tensor")
-LAYER_PATTERN = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
 @dataclass(frozen=True)
 class ScopeArguments:
     """How the scope is chosen; recorded in the manifest."""
 
-    method: str = "ekfac"  # one of SCOPES
-    sparsity: float = 0.05  # fraction of parameters that may change, in (0, 1]
-    ranking: str = "global"  # global: one ranking over all parameters; per_tensor: each
-    granularity: str = "parameter"  # parameter: single weights; tensor: whole tensors
-    retain_weight: float = 1.0  # β of the ekfac score
-    wagle_mu: float = 1e-6  # μ of WAGLE's attribution
-    seed: int = 0  # for the random scope
+    method: str = field(
+        default="ekfac",
+        metadata={"help": "how the editable parameters are chosen", "choices": SCOPES},
+    )
+    sparsity: float = field(
+        default=0.05, metadata={"help": "fraction of parameters that may change, in (0, 1]"}
+    )
+    ranking: str = field(
+        default="global",
+        metadata={"help": "one ranking over all parameters, or within each", "choices": RANKINGS},
+    )
+    granularity: str = field(
+        default="parameter",
+        metadata={"help": "single weights, or whole tensors", "choices": GRANULARITIES},
+    )
+    retain_penalty: float = field(
+        default=1.0, metadata={"help": "β of the ekfac score |d ḡ_f| − β |d ḡ_r|"}
+    )
+    wagle_mu: float = field(default=1e-6, metadata={"help": "μ of WAGLE's attribution"})
+    damping: Damping = field(
+        default_factory=Damping, metadata={"help": "λ of the Newton direction d"}
+    )
+    seed: int = field(default=0, metadata={"help": "seeds the random scope"})
 
     def __post_init__(self) -> None:
         check_choice("scope", self.method, SCOPES)
         check_choice("ranking", self.ranking, RANKINGS)
         check_choice("granularity", self.granularity, GRANULARITIES)
         check_sparsity(self.sparsity)
-        if not math.isfinite(self.retain_weight) or self.retain_weight < 0:
-            raise InputError(f"retain_weight must be >= 0, got {self.retain_weight!r}")
-        if not self.wagle_mu > 0:
+        if not _finite(self.retain_penalty) or self.retain_penalty < 0:
+            raise InputError(f"retain_penalty must be >= 0, got {self.retain_penalty!r}")
+        if not _finite(self.wagle_mu) or not self.wagle_mu > 0:
             raise InputError(f"wagle_mu must be > 0, got {self.wagle_mu!r}")
+        object.__setattr__(self, "damping", Damping.of(self.damping))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -178,18 +198,12 @@ def full_scope(model: nn.Module) -> Scope:
     )
 
 
-def layer_index(name: str) -> int | None:
-    """The transformer block number in a parameter name, or None.
-
-    >>> layer_index("model.layers.3.mlp.up_proj.weight"), layer_index("lm_head.weight")
-    (3, None)
-    """
-    found = LAYER_PATTERN.search(name)
-    return int(found.group(1)) if found else None
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_sparsity(sparsity: float) -> None:
-    if not isinstance(sparsity, int | float) or not (0 < sparsity <= 1):
+    if not _finite(sparsity) or not (0 < sparsity <= 1):
         raise InputError(
             f"sparsity must be in (0, 1] (fraction of parameters edited), got {sparsity!r}"
         )

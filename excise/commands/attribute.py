@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +23,18 @@ import torch
 
 from attribution import FactorArguments, LanguageModelingTask, fit_factors, select_modules
 from attribution.artifacts import atomic_directory, check_output_folder, write_bytes
+from attribution.curvature import Damping, Factors
 from attribution.influence import (
     ScoreArguments,
-    ScoreStore,
     check_queries_have_targets,
     self_scores,
     stored_pairwise_scores,
     top_k,
 )
-from attribution.store import FactorStore
+from attribution.store import ScoreStore
 from excise.errors import BadInputError
 from excise.models import choose_device, load_model
+from excise.options import DAMPING_OPTIONS, FACTOR_FIELDS, add_options, from_options
 from excise.records import read_records
 
 KIND = "attribution"
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     task = LanguageModelingTask(tokenizer, max_length=args.max_length)
     check_queries_have_targets(task, queries, [q["id"] for q in queries])
     k = _top_k_count(args.top_k, len(train))
-    factors = FactorStore.load_factors(args.factors, model) if args.factors else None
+    factors = Factors.load(args.factors, model) if args.factors else None
     progress = False if args.quiet else None
     if not (out / ".excise.json").exists():
         with atomic_directory(out, KIND):
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if factors is None:
         factors = fit_factors(model, task, train, factor_arguments, out / "factors", progress)
     score_arguments = ScoreArguments(
-        damping=args.damping,
+        damping=from_options(Damping, args, "damping"),
         batch_size=args.batch_size,
         per_module=args.per_module,
         per_token=args.per_token,
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "self", {"scores": values}, {"train_ids": json.dumps(ids["train_ids"])}
         )
     rows = topk_rows(scores.total, queries, train, k)
-    write_topk(out, rows, args, factors)
+    write_topk(out, rows, RunDescription(args.model, args.train, score_arguments.damping), factors)
     return {"out": str(out), "queries": len(queries), "train": len(train), "rows": rows}
 
 
@@ -108,11 +110,17 @@ def topk_rows(scores: torch.Tensor, queries: list[dict], train: list[dict], k: i
     return rows
 
 
-def write_topk(out: Path, rows: list[dict], described: Any, factors) -> None:
-    """``out``/topk.jsonl (a row per query) and ``out``/summary.md (for people).
+@dataclass(frozen=True)
+class RunDescription:
+    """What the summary says the scores came from."""
 
-    ``described`` names the run for the summary: ``.model``, ``.train`` and ``.damping``.
-    """
+    model: str
+    train: str
+    damping: Damping
+
+
+def write_topk(out: Path, rows: list[dict], described: RunDescription, factors) -> None:
+    """``out``/topk.jsonl (a row per query) and ``out``/summary.md (for people)."""
     lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     write_bytes(out / "topk.jsonl", lines.encode("utf-8"))
     write_bytes(out / "summary.md", summary_markdown(rows, described, factors).encode("utf-8"))
@@ -122,15 +130,14 @@ def record_text(record: dict) -> str:
     return record["text"] if "text" in record else record["prompt"] + record["completion"]
 
 
-def summary_markdown(rows: list[dict], args: argparse.Namespace, factors) -> str:
+def summary_markdown(rows: list[dict], described: RunDescription, factors) -> str:
     fa = factors.arguments
     lines = [
         "# excise attribute",
         "",
-        f"Model `{args.model}`; {len(rows)} queries against `{args.train}`; strategy "
-        f"{fa.strategy}, {fa.fisher} Fisher, {len(factors.modules)} tracked modules, damping "
-        + (f"{args.damping}" if args.damping is not None else "0.1 × mean eigenvalue")
-        + ".",
+        f"Model `{described.model}`; {len(rows)} queries against `{described.train}`; "
+        f"strategy {fa.strategy}, {fa.fisher} Fisher, {len(factors.modules)} tracked modules, "
+        f"damping {described.damping.describe()}.",
         "Positive: training on the example raises the probability of the query's completion.",
     ]
     for row in rows:
@@ -154,15 +161,23 @@ def _cell(text: str) -> str:
 
 def _factor_arguments(args: argparse.Namespace, model) -> FactorArguments:
     modules = _module_spec(args.modules, model)
-    arguments = FactorArguments(
-        strategy=args.strategy,
-        fisher=args.fisher,
+    arguments = from_options(
+        FactorArguments,
+        args,
+        "factors",
         modules=modules,
         batch_size=args.batch_size,
         seed=args.seed,
     )
     select_modules(model, modules)  # unknown names fail here, before anything is written
     return arguments
+
+
+def add_curvature_options(parser: argparse.ArgumentParser) -> None:
+    """--strategy and --fisher (FactorArguments), --damping and --damping-factor (Damping)."""
+    skip = tuple(f.name for f in fields(FactorArguments) if f.name not in FACTOR_FIELDS)
+    add_options(parser, FactorArguments, "factors", skip=skip)
+    add_options(parser, Damping, "damping", names=DAMPING_OPTIONS)
 
 
 def _module_spec(values: list[str] | None, model) -> str | tuple[str, ...] | None:

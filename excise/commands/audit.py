@@ -28,12 +28,13 @@ from analysis.relearning import LEARNING_RATE, STEPS
 from analysis.report import ReportPaths, write_report
 from attribution.artifacts import (
     atomic_directory,
-    check_apart,
     check_output_folder,
     sha256_file,
 )
+from attribution.task import LanguageModelingTask
 from excise.errors import BadInputError
 from excise.models import check_model_folder, choose_device, load_model
+from excise.outputs import check_apart
 from excise.records import read_records
 
 KIND = "audit"
@@ -94,6 +95,8 @@ def audit_models(
 ) -> tuple[dict[str, Any], ReportPaths | None]:
     """Audit in-memory models; with ``out``, write report.json/html/md into that folder.
 
+    Records are scored as a causal LM's completions (``LanguageModelingTask(tokenizer)``).
+
     ``out`` is written in place (each file atomically): a caller that wants the whole
     folder to appear at once builds it inside :func:`attribution.artifacts.atomic_directory`,
     as :func:`run` does. The models are not modified (relearning works on a copy).
@@ -102,7 +105,7 @@ def audit_models(
     report = audit(
         before,
         after,
-        tokenizer,
+        LanguageModelingTask(tokenizer),
         splits,
         reference,
         paths=paths,

@@ -32,12 +32,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from analysis.audit import check_splits
 from analysis.ledger import Ledger, LedgerEntry
-from attribution import FactorArguments, LanguageModelingTask, fit_factors
+from attribution import Factors, LanguageModelingTask, fit_factors
 from attribution.artifacts import (
     atomic_directory,
     package_version,
@@ -46,16 +45,17 @@ from attribution.artifacts import (
     write_json,
 )
 from attribution.influence import ScoreArguments, stored_pairwise_scores
-from attribution.store import FactorStore
-from excise.commands.attribute import topk_rows, write_topk
+from excise.commands.attribute import RunDescription, topk_rows, write_topk
 from excise.commands.audit import audit_models, load_audit_models, load_splits
 from excise.commands.ledger import entry_from_report
-from excise.commands.unlearn import arguments_from, check_new_output, edit_model, write_outputs
+from excise.commands.unlearn import EditOptions, arguments_from, edit_model, write_outputs
 from excise.errors import BadInputError
 from excise.home import default_ledger_path, excise_home
 from excise.models import check_model_folder, choose_device
+from excise.outputs import check_new_output
 from excise.records import read_records
 from unlearn import check_sets
+from unlearn.proof import state_hashes
 
 KIND = "forget"
 SCHEMA = "excise-forget/1"
@@ -89,35 +89,37 @@ class ForgetInputs:
 
 def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Validate everything, run the five stages, record the request; returns the summary."""
-    scope_arguments, unlearn_arguments = arguments_from(args)
+    options = arguments_from(args)
     inputs = resolve_inputs(args, note)
     ledger = Ledger(args.ledger or default_ledger_path())
     out = check_new_output(args.out or _default_out(), _input_paths(inputs))
     folders = {"before": inputs.model, "reference": inputs.reference}
     models, tokenizer = load_audit_models(folders, choose_device(args.device))
     model, reference = models["before"], models.get("reference")
-    factors = FactorStore.load_factors(args.factors, model) if args.factors else None
+    factors = Factors.load(args.factors, model) if args.factors else None
     progress = False if args.quiet else None
     timings: dict[str, float] = {}
     with atomic_directory(out, KIND) as folder:
         task = LanguageModelingTask(tokenizer)
+        before = state_hashes(model)  # the original is hashed once, here
         with _timed(timings, "attribute", note):
             factors, attribution = attribute(
-                model, task, inputs, folder / "attribution", factors, progress
+                model, task, inputs, folder / "attribution", options, factors, progress
             )
         factor_path = args.factors or str(out / "attribution" / "factors")
         with _timed(timings, "scope + unlearn", note):
-            edited = copy.deepcopy(model)
+            edited = copy.deepcopy(model)  # the original stays as the frozen reference
             started = time.perf_counter()
-            result = edit_model(
+            edit = edit_model(
                 edited,
-                tokenizer,
+                task,
                 inputs.records["forget"],
                 inputs.records["retain"],
-                scope_arguments,
-                unlearn_arguments,
+                options,
                 factors=factors,
                 reference=reference,
+                frozen=model,
+                before=before,
                 progress=progress,
             )
             (folder / "unlearn").mkdir()
@@ -125,8 +127,8 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
                 folder / "unlearn",
                 edited,
                 tokenizer,
-                result,
-                _unlearn_inputs(inputs, result["fingerprint_before"], factor_path),
+                edit,
+                _unlearn_inputs(inputs, edit.fingerprint_before, factor_path),
                 args.seed,
                 started,
             )
@@ -204,25 +206,42 @@ def _world_inputs(size: str, note: Callable[[str], None], progress: bool | None)
 
 
 def attribute(
-    model, task, inputs: ForgetInputs, folder: Path, factors=None, progress=None
-) -> tuple[Any, dict]:
-    """EK-FAC factors on the training set (unless given); forget records' top-k proponents.
+    model,
+    task,
+    inputs: ForgetInputs,
+    folder: Path,
+    options: EditOptions,
+    factors: Factors | None = None,
+    progress: bool | None = None,
+) -> tuple[Factors, dict]:
+    """Factors on the training set (unless given); forget records' top-k proponents.
 
-    Writes ``folder``/factors (when fitted here), scores/, topk.jsonl and summary.md.
+    The factor fit and the scores use the run's factor arguments (strategy, Fisher, seed)
+    and damping, the same that the scope and a Newton step use. Writes ``folder``/factors
+    (when fitted here), scores/, topk.jsonl and summary.md.
     """
     train, forget = inputs.records["train"], inputs.records["forget"]
     if factors is None:
-        arguments = FactorArguments(strategy="ekfac")
-        factors = fit_factors(model, task, train, arguments, folder / "factors", progress)
+        factors = fit_factors(model, task, train, options.factors, folder / "factors", progress)
     folder.mkdir(exist_ok=True)
     ids = {"query_ids": [q["id"] for q in forget], "train_ids": [z["id"] for z in train]}
+    damping = options.scope.damping
     scores = stored_pairwise_scores(
-        model, task, forget, train, factors, folder / "scores", ScoreArguments(), ids, progress
+        model,
+        task,
+        forget,
+        train,
+        factors,
+        folder / "scores",
+        ScoreArguments(damping=damping),
+        ids,
+        progress,
     )
     k = min(TOP_K, len(train))
     rows = topk_rows(scores.total, forget, train, k)
-    described = SimpleNamespace(model=str(inputs.model), train=_train_name(inputs), damping=None)
-    write_topk(folder, rows, described, factors)
+    write_topk(
+        folder, rows, RunDescription(str(inputs.model), _train_name(inputs), damping), factors
+    )
     return factors, attribution_summary(rows, forget, train, k)
 
 

@@ -15,76 +15,75 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from attribution import FactorArguments, LanguageModelingTask, fit_factors, model_fingerprint
+from attribution import FactorArguments, Factors, LanguageModelingTask, fit_factors
 from attribution.artifacts import (
     atomic_directory,
-    check_apart,
     package_version,
     sha256_file,
     utc_timestamp,
     write_json,
 )
-from attribution.store import FactorStore
-from excise.errors import BadInputError
+from attribution.curvature import Damping
 from excise.models import (
     check_model_folder,
     choose_device,
     load_model,
     no_transformers_progress_bars,
 )
+from excise.options import DAMPING_OPTIONS, FACTOR_FIELDS, add_options, from_options
+from excise.outputs import check_new_output
 from excise.records import read_records
 from unlearn import (
-    Scope,
+    METHODS,
     ScopeArguments,
+    ScopedEdit,
     UnlearnArguments,
-    check_proof,
     check_sets,
-    choose_scope,
     measure,
-    scope_proof,
-    state_hashes,
-    unlearn,
+    scoped_edit,
 )
 
 KIND = "unlearning"
 MANIFEST_SCHEMA = "excise-unlearn/1"
 
 
-def arguments_from(args: argparse.Namespace) -> tuple[ScopeArguments, UnlearnArguments]:
+@dataclass(frozen=True)
+class EditOptions:
+    """The library argument objects of one edit, built once from the command line."""
+
+    scope: ScopeArguments
+    unlearn: UnlearnArguments
+    factors: FactorArguments
+
+
+def add_edit_options(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None) -> None:
+    """Options from ScopeArguments, UnlearnArguments, Damping and FactorArguments' fields."""
+    add_options(parser, UnlearnArguments, "unlearn", skip=("seed",), defaults=defaults)
+    add_options(parser, ScopeArguments, "scope", names={"method": "--scope"}, skip=("seed",))
+    add_options(parser, Damping, "damping", names=DAMPING_OPTIONS)
+    skip = tuple(f.name for f in fields(FactorArguments) if f.name not in FACTOR_FIELDS)
+    add_options(parser, FactorArguments, "factors", skip=skip)
+
+
+def arguments_from(args: argparse.Namespace) -> EditOptions:
     """The library argument objects (validated: bad values fail before any work)."""
-    scope_arguments = ScopeArguments(
-        method=args.scope,
-        sparsity=args.sparsity,
-        ranking=args.ranking,
-        granularity=args.granularity,
-        seed=args.seed,
+    damping = from_options(Damping, args, "damping")
+    return EditOptions(
+        scope=from_options(ScopeArguments, args, "scope", seed=args.seed, damping=damping),
+        unlearn=from_options(UnlearnArguments, args, "unlearn", seed=args.seed, damping=damping),
+        factors=from_options(FactorArguments, args, "factors", seed=args.seed),
     )
-    unlearn_arguments = UnlearnArguments(
-        method=args.method,
-        steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        retain_weight=args.retain_weight,
-        beta=args.beta,
-        weight_decay=args.weight_decay,
-        rmu_layer=args.rmu_layer,
-        newton_iterations=args.newton_iterations,
-        idk_text=args.idk_text,
-        forget_target=args.forget_target,
-        retain_budget=args.retain_budget,
-        seed=args.seed,
-    )
-    return scope_arguments, unlearn_arguments
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Validate everything, then unlearn and write OUT; returns the manifest."""
-    scope_arguments, unlearn_arguments = arguments_from(args)
+    options = arguments_from(args)
     model_dir = check_model_folder(args.model)
     forget, retain = read_records(args.forget), read_records(args.retain)
     check_sets(forget, retain)
@@ -92,108 +91,96 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = choose_device(args.device)
     model, tokenizer = load_model(model_dir)
     model.to(device)
-    factors = FactorStore.load_factors(args.factors, model) if args.factors else None
+    factors = Factors.load(args.factors, model) if args.factors else None
     reference = check_model_folder(args.reference) if args.reference else None
     reference_model = load_model(reference)[0].to(device) if reference else None
     progress = False if args.quiet else None
     started = time.perf_counter()
     with atomic_directory(out, KIND) as folder:
-        result = edit_model(
+        edit = edit_model(
             model,
-            tokenizer,
+            LanguageModelingTask(tokenizer),
             forget,
             retain,
-            scope_arguments,
-            unlearn_arguments,
+            options,
             factors=factors,
             factor_folder=folder / "factors",
             reference=reference_model,
             progress=progress,
         )
         inputs = {
-            "model": {"path": str(model_dir), "fingerprint": result["fingerprint_before"]},
+            "model": {"path": str(model_dir), "fingerprint": edit.fingerprint_before},
             "forget": _file_entry(args.forget, len(forget)),
             "retain": _file_entry(args.retain, len(retain)),
             "factors": str(args.factors) if args.factors else None,
             "reference": str(reference) if reference else None,
         }
-        manifest = write_outputs(folder, model, tokenizer, result, inputs, args.seed, started)
+        manifest = write_outputs(folder, model, tokenizer, edit, inputs, args.seed, started)
     manifest["out"] = str(out)
     return manifest
 
 
 def edit_model(
-    model,
-    tokenizer,
-    forget,
-    retain,
-    scope_arguments: ScopeArguments,
-    unlearn_arguments: UnlearnArguments,
-    factors=None,
+    model: nn.Module,
+    task: LanguageModelingTask,
+    forget: list,
+    retain: list,
+    options: EditOptions,
+    factors: Factors | None = None,
     factor_folder: Path | None = None,
     reference: nn.Module | None = None,
+    frozen: nn.Module | None = None,
+    before: dict[str, str] | None = None,
     progress: bool | None = None,
-) -> dict[str, Any]:
-    """Scope + unlearn ``model`` in place; returns the scope, result, hashes and proof.
+) -> ScopedEdit:
+    """Fit factors if the scope or method needs them, then :func:`unlearn.scoped_edit`.
 
     ``reference``: a model retrained without the forget set, on the model's device; unless
-    a forget target is set, the run stops at its forget loss.
+    a forget target is set, the run stops at its forget loss. ``frozen``/``before``: an
+    unmodified original and its hashes, when the caller has them (nothing is copied or
+    hashed twice).
     """
-    task = LanguageModelingTask(tokenizer)
-    needs_factors = scope_arguments.method == "ekfac" or unlearn_arguments.method == "newton"
+    arguments = options.unlearn
+    needs_factors = options.scope.method == "ekfac" or METHODS[arguments.method].needs_factors
     if needs_factors and factors is None:
         factors = fit_factors(
-            model,
-            task,
-            list(forget) + list(retain),
-            FactorArguments(strategy="ekfac", seed=scope_arguments.seed),
-            factor_folder,
-            progress,
+            model, task, list(forget) + list(retain), options.factors, factor_folder, progress
         )
-    if reference is not None and unlearn_arguments.forget_target is None:
-        unlearn_arguments = _with_reference_target(unlearn_arguments, reference, task, forget)
-    fingerprint = model_fingerprint(model)
-    before = state_hashes(model)
-    scope = choose_scope(
+    if reference is not None and arguments.forget_target is None:
+        target = measure(reference, task, forget, arguments.batch_size)
+        arguments = dataclasses.replace(arguments, forget_target=target)
+    return scoped_edit(
         model,
         task,
         forget,
         retain,
-        scope_arguments,
+        options.scope,
+        arguments,
         factors,
-        unlearn_arguments.batch_size,
-        progress,
+        before=before,
+        frozen=frozen,
+        progress=progress,
     )
-    result = unlearn(model, task, forget, retain, scope, unlearn_arguments, factors, progress)
-    proof = scope_proof(before, state_hashes(model), scope, model)
-    check_proof(proof)
-    return {
-        "scope": scope,
-        "scope_arguments": scope_arguments,
-        "unlearn_arguments": unlearn_arguments,
-        "result": result,
-        "proof": proof,
-        "fingerprint_before": fingerprint,
-        "fingerprint_after": model_fingerprint(model),
-    }
 
 
-def write_outputs(folder: Path, model, tokenizer, result, inputs, seed, started) -> dict[str, Any]:
+def write_outputs(
+    folder: Path, model, tokenizer, edit: ScopedEdit, inputs, seed, started
+) -> dict[str, Any]:
     """The model folder, the scope file and the manifest, inside ``folder``."""
     with no_transformers_progress_bars():
         model.save_pretrained(folder / "model", safe_serialization=True)
         tokenizer.save_pretrained(folder / "model")
-    scope: Scope = result["scope"]
+    scope = edit.scope
     scope.save(folder / "scope.safetensors")
     manifest = {
         "schema": MANIFEST_SCHEMA,
         "excise_version": package_version(),
         "created_utc": utc_timestamp(),
         "seed": seed,
-        "method": result["unlearn_arguments"].method,
-        "arguments": result["unlearn_arguments"].to_dict(),
+        "method": edit.arguments.method,
+        "arguments": edit.arguments.to_dict(),
         "scope": {
-            **vars(result["scope_arguments"]),
+            **(edit.scope_arguments.to_dict() if edit.scope_arguments else {"method": "given"}),
             "edited": scope.edited,
             "total": scope.total,
             "fraction": scope.fraction,
@@ -201,27 +188,13 @@ def write_outputs(folder: Path, model, tokenizer, result, inputs, seed, started)
         },
         "edited_per_tensor": scope.by_tensor(),
         "inputs": inputs,
-        "output": {"fingerprint": result["fingerprint_after"]},
-        "result": result["result"].to_dict(),
-        "proof": result["proof"],
+        "output": {"fingerprint": edit.fingerprint_after},
+        "result": edit.result.to_dict(),
+        "proof": edit.proof,
         "seconds": round(time.perf_counter() - started, 3),
     }
     write_json(folder / "manifest.json", manifest)
     return manifest
-
-
-def check_new_output(path: str | Path, inputs: list[Path]) -> Path:
-    """An output folder that is none of the inputs and holds none of them."""
-    out = check_apart(path, inputs, "a new folder")
-    if out.exists():
-        raise BadInputError(f"--out {path}: already exists; choose a new folder")
-    return out
-
-
-def _with_reference_target(arguments, reference: nn.Module, task, forget) -> UnlearnArguments:
-    """Stop when the forget loss reaches the reference model's (retrained without it)."""
-    target = measure(reference, task, forget, arguments.batch_size)
-    return dataclasses.replace(arguments, forget_target=target)
 
 
 def _file_entry(path: str | Path, n: int) -> dict[str, Any]:

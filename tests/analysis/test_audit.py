@@ -18,6 +18,7 @@ from analysis.audit import (
 )
 from attribution.errors import InputError
 from attribution.fingerprint import model_fingerprint
+from attribution.task import LanguageModelingTask
 from excise.models import load_model
 from excise.world import SPLITS, read_split
 from tests.attribution.models import tiny_llama
@@ -51,8 +52,9 @@ def splits(tiny_world):
 def full(models, splits):
     """The base model against the reference, as if the reference were the unlearned model."""
     (base, tokenizer), (reference, _) = models
+    task = LanguageModelingTask(tokenizer)
     return audit(
-        base, reference, tokenizer, splits, reference=reference, relearn_steps=2,
+        base, reference, task, splits, reference=reference, relearn_steps=2,
         paths={"before": "base/", "after": "reference/"}, split_hashes={"forget": "abc"},
     )  # fmt: skip
 
@@ -65,7 +67,7 @@ def same(models, splits):
     fingerprint = model_fingerprint(base)
     base.train()
     try:
-        report = audit(base, base, tokenizer, small, relearn_steps=0)
+        report = audit(base, base, LanguageModelingTask(tokenizer), small, relearn_steps=0)
         assert base.training  # the flag is restored
     finally:
         base.eval()
@@ -148,19 +150,20 @@ def test_a_model_against_itself(same):
 def test_bad_splits_are_refused(models, splits, change, error):
     (base, tokenizer), _ = models
     with pytest.raises(error) as info:
-        audit(base, base, tokenizer, change(splits))
+        audit(base, base, LanguageModelingTask(tokenizer), change(splits))
     assert isinstance(info.value, InputError)
 
 
 def test_different_architectures_are_refused(models, splits):
     (base, tokenizer), (reference, _) = models
+    task = LanguageModelingTask(tokenizer)
     other = tiny_llama()
     with pytest.raises(ArchitectureMismatchError, match="before and after"):
-        audit(base, other, tokenizer, splits)
+        audit(base, other, task, splits)
     with pytest.raises(ArchitectureMismatchError, match="before and reference"):
-        audit(base, reference, tokenizer, splits, reference=other)
+        audit(base, reference, task, splits, reference=other)
     with pytest.raises(InputError, match="config"):
-        audit(base, __import__("torch").nn.Linear(2, 2), tokenizer, splits)
+        audit(base, __import__("torch").nn.Linear(2, 2), task, splits)
 
 
 def test_tokenizers_are_compared(tiny_world, world_tokenizer):

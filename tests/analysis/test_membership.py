@@ -22,6 +22,7 @@ from analysis.membership import (
     roc_curve,
     zlib_score,
 )
+from attribution.task import LanguageModelingTask
 from excise.models import load_model
 from excise.world import read_split
 
@@ -87,7 +88,8 @@ def test_the_base_model_leaks_membership_and_the_reference_does_not(tiny_world, 
     results = {}
     for name in ("base", "reference"):
         model, tokenizer = load_model(tiny_world / name)
-        results[name] = membership_inference(model, tokenizer, *splits, batch_size=16)
+        task = LanguageModelingTask(tokenizer)
+        results[name] = membership_inference(model, task, *splits, batch_size=16)
     for attack in ATTACKS:
         base, reference = (results[n]["attacks"][attack] for n in ("base", "reference"))
         assert base["auc"] > 0.9  # trained on the forget set: its answers are easy to spot

@@ -17,6 +17,7 @@ from analysis.memorization import (
 )
 from analysis.scoring import score_completions
 from attribution.data import encode_record
+from attribution.task import LanguageModelingTask
 from excise.models import load_model
 from excise.world import read_split
 
@@ -41,20 +42,21 @@ def reference(tiny_world):
 
 def test_token_statistics_agree_with_teacher_forced_scores(reference, tiny_world):
     model, tokenizer = reference
+    task = LanguageModelingTask(tokenizer)
     records = read_split(tiny_world, "forget")[:6] + read_split(tiny_world, "world")[:3]
-    stats = token_statistics(model, tokenizer, records, batch_size=4)
-    scores = score_completions(model, tokenizer, records)
+    stats = token_statistics(model, task, records, batch_size=4)
+    scores = score_completions(model, task, records)
     sums = torch.tensor([lp.sum() for lp in stats.log_prob], dtype=torch.float64)
     assert torch.allclose(-sums, scores.nll.double(), atol=1e-4)
     assert [int(c.sum()) for c in stats.correct] == scores.n_correct.tolist()
-    em = exact_memorization(model, tokenizer, records)
+    em = exact_memorization(model, task, records)
     assert em["per_example"] == pytest.approx((scores.n_correct / scores.n_tokens).tolist())
 
 
 def test_vocabulary_moments_match_a_direct_computation(reference, tiny_world):
     model, tokenizer = reference
     record = read_split(tiny_world, "holdout")[0]
-    stats = token_statistics(model, tokenizer, [record])
+    stats = token_statistics(model, LanguageModelingTask(tokenizer), [record])
     encoded = encode_record(tokenizer, record)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([encoded["input_ids"]])).logits[0].double()
@@ -72,7 +74,7 @@ def test_extraction_strength_matches_greedy_decoding(reference, tiny_world):
     """Slow and obvious: decode greedily from every prefix and find the smallest that works."""
     model, tokenizer = reference
     records = read_split(tiny_world, "forget")[:3]
-    fast = extraction_strength(model, tokenizer, records)["per_example"]
+    fast = extraction_strength(model, LanguageModelingTask(tokenizer), records)["per_example"]
     for record, value in zip(records, fast, strict=True):
         encoded = encode_record(tokenizer, record)
         start = next(i for i, label in enumerate(encoded["labels"]) if label != -100)

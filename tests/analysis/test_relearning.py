@@ -12,6 +12,7 @@ from analysis.relearning import (
     split_forget,
 )
 from attribution.fingerprint import model_fingerprint
+from attribution.task import LanguageModelingTask
 from excise.models import load_model
 from excise.world import read_split
 
@@ -37,27 +38,27 @@ def models(tiny_world):
 
 def test_relearning_trains_a_seeded_copy_only(models, tiny_world):
     (_, tokenizer), (reference, _) = models
+    task = LanguageModelingTask(tokenizer)
     records = read_split(tiny_world, "forget")[:4]
     fingerprint = model_fingerprint(reference)
-    first = relearned_copy(reference, tokenizer, records, steps=4, lr=3e-3, seed=1)
-    second = relearned_copy(reference, tokenizer, records, steps=4, lr=3e-3, seed=1)
+    first = relearned_copy(reference, task, records, steps=4, lr=3e-3, seed=1)
+    second = relearned_copy(reference, task, records, steps=4, lr=3e-3, seed=1)
     assert model_fingerprint(reference) == fingerprint and not reference.training
     assert model_fingerprint(first) == model_fingerprint(second) != fingerprint
-    assert mean_probability(first, tokenizer, records) > mean_probability(
-        reference, tokenizer, records
-    )
+    assert mean_probability(first, task, records) > mean_probability(reference, task, records)
 
 
 def test_relearning_section(models, tiny_world):
     (base, tokenizer), (reference, _) = models
+    task = LanguageModelingTask(tokenizer)
     forget = read_split(tiny_world, "forget")[:8]
-    out = relearning_robustness(base, reference, tokenizer, forget, steps=3, seed=0)
+    out = relearning_robustness(base, reference, task, forget, steps=3, seed=0)
     assert (out["available"], out["steps"], out["n_relearn"], out["n_eval"]) == (True, 3, 4, 4)
     p = out["probability"]
     assert p["before"] > p["after"]  # the reference never saw the forget set
     assert out["recovered_fraction"] == pytest.approx(
         (p["relearned"] - p["after"]) / (p["before"] - p["after"])
     )
-    off = relearning_robustness(base, reference, tokenizer, forget, steps=0)
+    off = relearning_robustness(base, reference, task, forget, steps=0)
     assert (off["available"], off["probability"], off["recovered_fraction"]) == (False, None, None)
     assert off["reason"]

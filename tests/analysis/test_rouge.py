@@ -14,6 +14,7 @@ from analysis.rouge import (
     rouge_l_recall_score,
     words,
 )
+from attribution.task import LanguageModelingTask
 from excise.models import load_model
 from excise.world import read_split
 
@@ -64,13 +65,14 @@ def test_generation_does_not_depend_on_batch_size(base, tiny_world):
 def test_the_base_model_recalls_its_training_answers(base, tiny_world):
     model, tokenizer = base
     records = read_split(tiny_world, "retain")[:8]
-    result = rouge_l_recall(model, tokenizer, records)
+    task = LanguageModelingTask(tokenizer)
+    result = rouge_l_recall(model, task, records)
     assert result["value"] == 1.0 and result["per_example"] == [1.0] * 8
-    holdout = rouge_l_recall(model, tokenizer, read_split(tiny_world, "holdout")[:8])
+    holdout = rouge_l_recall(model, task, read_split(tiny_world, "holdout")[:8])
     assert holdout["value"] < 1.0  # never trained on: some words cannot be guessed
 
 
 def test_text_records_are_marked_unavailable(base):
     model, tokenizer = base
-    result = rouge_l_recall(model, tokenizer, [{"text": "a b c"}])
+    result = rouge_l_recall(model, LanguageModelingTask(tokenizer), [{"text": "a b c"}])
     assert result["value"] is None and result["per_example"] == [] and result["reason"]

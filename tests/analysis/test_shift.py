@@ -18,6 +18,7 @@ from analysis.shift import (
 )
 from attribution.data import encode_record
 from attribution.errors import InputError
+from attribution.task import LanguageModelingTask
 from excise.models import load_model
 from excise.world import read_split
 
@@ -88,7 +89,7 @@ def models(tiny_world):
 def test_a_model_against_itself_moves_nothing(models, tiny_world):
     (base, tokenizer), _ = models
     records = read_split(tiny_world, "neighbor")[:6]
-    out = knowledge_shift(base, base, tokenizer, records)
+    out = knowledge_shift(base, base, LanguageModelingTask(tokenizer), records)
     assert out["log_prob_change"]["per_example"] == [0.0] * 6
     assert out["kl"]["per_example"] == [0.0] * 6
     assert (out["kl"]["ci_low"], out["kl"]["ci_high"]) == (0.0, 0.0)
@@ -97,8 +98,9 @@ def test_a_model_against_itself_moves_nothing(models, tiny_world):
 def test_shift_matches_scores_and_a_direct_kl(models, tiny_world):
     (base, tokenizer), (reference, _) = models
     records = read_split(tiny_world, "forget")[:4] + read_split(tiny_world, "retain")[:3]
-    change, kl = token_shift(base, reference, tokenizer, records, batch_size=3)
-    before, after = (score_completions(m, tokenizer, records) for m in (base, reference))
+    task = LanguageModelingTask(tokenizer)
+    change, kl = token_shift(base, reference, task, records, batch_size=3)
+    before, after = (score_completions(m, task, records) for m in (base, reference))
     assert change == pytest.approx((before.nll - after.nll).double().numpy(), abs=1e-3)
     assert (kl >= 0).all() and kl[:4].mean() > kl[4:].mean()  # forget facts moved most
     encoded = encode_record(tokenizer, records[0])

@@ -16,6 +16,7 @@ from analysis.truth import (
     truth_ratio_value,
     truth_ratios,
 )
+from attribution.task import LanguageModelingTask
 from excise.models import load_model
 from excise.world import read_split
 
@@ -68,12 +69,13 @@ def test_answers_are_scored_on_the_paraphrased_question(models, tiny_world):
     (model, tokenizer), _ = models
     records = read_split(tiny_world, "forget")[:3]
     records.append({k: v for k, v in records[0].items() if k != "paraphrased_prompt"})
-    paraphrased, perturbed = answer_log_probs(model, tokenizer, records, batch_size=2)
+    task = LanguageModelingTask(tokenizer)
+    paraphrased, perturbed = answer_log_probs(model, task, records, batch_size=2)
     for i, record in enumerate(records):
         question = record.get("paraphrased_prompt", record["prompt"])
         answers = [record["paraphrased_completion"], *record["perturbed_completions"]]
         scores = score_completions(
-            model, tokenizer, [{"prompt": question, "completion": a} for a in answers]
+            model, task, [{"prompt": question, "completion": a} for a in answers]
         )
         expected = (-scores.nll / scores.n_tokens).double().numpy()
         assert paraphrased[i] == pytest.approx(expected[0], abs=1e-5)
@@ -84,17 +86,19 @@ def test_answers_are_scored_on_the_paraphrased_question(models, tiny_world):
 def test_base_is_far_from_the_reference_and_the_reference_from_itself_is_not(models, tiny_world):
     (base, tokenizer), (reference, _) = models
     forget = read_split(tiny_world, "forget")
-    mine = truth_ratio(base, tokenizer, forget, forget=True)
-    theirs = truth_ratio(reference, tokenizer, forget, forget=True)
+    task = LanguageModelingTask(tokenizer)
+    mine = truth_ratio(base, task, forget, forget=True)
+    theirs = truth_ratio(reference, task, forget, forget=True)
     assert len(mine["per_example"]) == len(forget)
     assert mine["value"] < theirs["value"]  # the base model tells right from wrong
     assert forget_quality(mine["per_example"], theirs["per_example"])["p_value"] < 1e-3
-    again = truth_ratio(reference, tokenizer, forget, forget=True)
+    again = truth_ratio(reference, task, forget, forget=True)
     assert forget_quality(again["per_example"], theirs["per_example"])["p_value"] == 1.0
 
 
 def test_records_without_perturbed_answers_are_marked_unavailable(models):
     (model, tokenizer), _ = models
-    result = truth_ratio(model, tokenizer, [{"prompt": "Q", "completion": " A"}], forget=False)
+    record = {"prompt": "Q", "completion": " A"}
+    result = truth_ratio(model, LanguageModelingTask(tokenizer), [record], forget=False)
     assert result["value"] is None and result["per_example"] == []
     assert "perturbed_completions" in result["reason"]

@@ -170,7 +170,7 @@ def test_bad_arguments_are_named():
 
 
 def test_nan_weights_are_refused_with_a_clear_error():
-    from attribution import NonFiniteError
+    from attribution.errors import NonFiniteError
 
     model = toy_lm()
     with torch.no_grad():

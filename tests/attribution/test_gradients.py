@@ -5,13 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attribution import (
-    LanguageModelingTask,
-    NonFiniteError,
-    per_example_gradients,
-    per_example_gradients_func,
-    select_modules,
-)
+from attribution import LanguageModelingTask, per_example_gradients, select_modules
+from attribution.errors import NonFiniteError
+from attribution.gradients import per_example_gradients_func
 from attribution.modules import from_parameter_gradients
 
 from .models import random_examples, tiny_gpt2, tiny_llama, toy_lm

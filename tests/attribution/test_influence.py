@@ -161,8 +161,9 @@ def test_a_query_without_completion_tokens_is_refused():
 
 def test_stored_scores_resume_by_partition_and_refuse_other_data(tmp_path, monkeypatch):
     import attribution.influence as influence
-    from attribution import FactorMismatchError
-    from attribution.influence import ScoreStore, stored_pairwise_scores
+    from attribution.errors import FactorMismatchError
+    from attribution.influence import stored_pairwise_scores
+    from attribution.store import ScoreStore
 
     model = tiny_llama()
     train, queries = random_examples(9, seed=12), random_examples(3, seed=13)

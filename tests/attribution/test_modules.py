@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attribution import ModuleSelectionError, select_modules
+from attribution import select_modules
+from attribution.errors import ModuleSelectionError
 
 from .models import tiny_gpt2, tiny_llama
 

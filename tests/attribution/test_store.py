@@ -8,12 +8,12 @@ import torch
 import attribution.curvature as curvature
 from attribution import (
     FactorArguments,
-    FactorMismatchError,
-    FactorStore,
+    Factors,
     InputError,
     LanguageModelingTask,
     fit_factors,
 )
+from attribution.errors import FactorMismatchError
 
 from .models import random_examples, tiny_llama
 
@@ -24,7 +24,7 @@ ARGS = FactorArguments(strategy="ekfac", fisher="empirical", dtype="float64", pa
 def test_saved_factors_load_back_identically(tmp_path):
     model = tiny_llama()
     fitted = fit_factors(model, TASK, random_examples(8), ARGS, folder=tmp_path / "f")
-    loaded = FactorStore.load_factors(tmp_path / "f", model)
+    loaded = Factors.load(tmp_path / "f", model)
     assert loaded.arguments == ARGS
     for module in fitted.modules:
         for key, value in fitted.tensors[module].items():
@@ -103,7 +103,7 @@ def test_factors_of_another_model_are_refused(tmp_path):
     fit_factors(tiny_llama(seed=0), TASK, random_examples(4), ARGS, folder=tmp_path / "f")
     other = tiny_llama(seed=1)
     with pytest.raises(FactorMismatchError, match="another model"):
-        FactorStore.load_factors(tmp_path / "f", other)
+        Factors.load(tmp_path / "f", other)
     with pytest.raises(FactorMismatchError, match="another model"):
         fit_factors(other, TASK, random_examples(4), ARGS, folder=tmp_path / "f")
 
@@ -113,5 +113,5 @@ def test_a_folder_that_is_not_a_factor_store(tmp_path):
     with pytest.raises(InputError, match="not an excise artifact"):
         fit_factors(tiny_llama(), TASK, random_examples(4), ARGS, folder=tmp_path)
     with pytest.raises(InputError, match="not an excise factor folder"):
-        FactorStore.load_factors(tmp_path)
+        Factors.load(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]

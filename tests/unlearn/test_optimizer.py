@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from unlearn import MaskedAdamW
+from unlearn.optimizer import MaskedAdamW
 
 
 def test_full_mask_equals_torch_adamw():

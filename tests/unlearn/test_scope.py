@@ -8,7 +8,8 @@ import torch
 from attribution import FactorArguments, LanguageModelingTask, fit_factors
 from attribution.errors import InputError
 from tests.attribution.models import random_examples, tiny_llama
-from unlearn import Scope, ScopeArguments, choose_scope, mask_from_scores
+from unlearn import Scope, ScopeArguments, choose_scope
+from unlearn.scope import mask_from_scores
 
 
 def scores(seed=0):
@@ -134,8 +135,8 @@ def test_ekfac_scores_prefer_parameters_without_retain_knowledge(setting):
 
     model, task, forget, retain, factors = setting
     g_f, g_r = mean_gradient(model, task, forget), mean_gradient(model, task, retain)
-    plain = ekfac_scores(model, factors, g_f, g_r, retain_weight=0.0)
-    balanced = ekfac_scores(model, factors, g_f, g_r, retain_weight=1.0)
+    plain = ekfac_scores(model, factors, g_f, g_r, retain_penalty=0.0)
+    balanced = ekfac_scores(model, factors, g_f, g_r, retain_penalty=1.0)
     for name in plain:
         if torch.isfinite(plain[name]).all():
             assert (balanced[name] <= plain[name] + 1e-15).all()
