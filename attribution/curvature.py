@@ -240,6 +240,8 @@ def fit_factors(
     arguments: FactorArguments | None = None,
     folder: Any = None,
     progress: bool | None = None,
+    *,
+    fingerprint: str | None = None,
 ) -> Factors:
     """Fit the curvature factors of ``arguments.strategy`` on ``examples``.
 
@@ -247,7 +249,8 @@ def fit_factors(
     part are fitted separately and added, which gives the same factors as one pass. With
     ``folder``, each finished part and stage is saved there (see
     :class:`attribution.store.FactorStore`), so a killed run resumes where it stopped,
-    and a folder fitted with other arguments or for another model is refused.
+    and a folder fitted with other arguments or for another model is refused
+    (``fingerprint``: the model's, when the caller has hashed it already).
     """
     arguments = arguments or FactorArguments()
     modules = select_modules(model, arguments.modules)
@@ -255,7 +258,7 @@ def fit_factors(
         raise InputError("no examples to fit factors on")
     store = None
     if folder is not None:
-        store = FactorStore.open_for(folder, arguments, model, list(modules))
+        store = FactorStore.open_for(folder, arguments, model, list(modules), fingerprint)
     tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
     seconds: dict[str, float] = {}
     for stage in STAGES[arguments.strategy]:

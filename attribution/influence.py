@@ -190,6 +190,8 @@ def stored_pairwise_scores(
     arguments: ScoreArguments | None = None,
     ids: Mapping[str, Sequence[str]] | None = None,
     progress: bool | None = None,
+    *,
+    fingerprint: str | None = None,
 ) -> Scores:
     """:func:`pairwise_scores` saved in a score folder, resumable part by part.
 
@@ -197,10 +199,10 @@ def stored_pairwise_scores(
     saved when done, and a rerun with the same description skips finished parts. The
     result is ``pairwise.safetensors`` (``scores`` [n_query, n_train], ``module/<name>``,
     ``per_token``), with ``ids`` (e.g. ``{"query_ids": [...], "train_ids": [...]}``) as
-    JSON strings in its metadata.
+    JSON strings in its metadata. ``fingerprint``: the model's, when the caller has it.
     """
     arguments = arguments or ScoreArguments()
-    store = ScoreStore.open_for(folder, model, queries, train, factors, arguments)
+    store = ScoreStore.open_for(folder, model, queries, train, factors, arguments, fingerprint)
     done = store.load("pairwise")
     if done is not None:
         return _from_tensors(done)

@@ -109,14 +109,20 @@ class FactorStore(TensorStore):
 
     @classmethod
     def open_for(
-        cls, folder: str | Path, arguments: Any, model: nn.Module, modules: list[str]
+        cls,
+        folder: str | Path,
+        arguments: Any,
+        model: nn.Module,
+        modules: list[str],
+        fingerprint: str | None = None,
     ) -> FactorStore:
+        """Open ``folder`` for these factors (``fingerprint``: the model's, if known)."""
         named = dict(model.named_modules())
         description = {
             "arguments": arguments.to_dict(),
             "modules": modules,
             "module_shapes": {name: list(layout_shape(named[name])) for name in modules},
-            "model_fingerprint": model_fingerprint(model),
+            "model_fingerprint": fingerprint or model_fingerprint(model),
             "excise_version": package_version(),
         }
         return cls.open(folder, description)
@@ -163,14 +169,22 @@ class ScoreStore(TensorStore):
 
     @classmethod
     def open_for(
-        cls, folder: str | Path, model: nn.Module, queries, train, factors, arguments
+        cls,
+        folder: str | Path,
+        model: nn.Module,
+        queries,
+        train,
+        factors,
+        arguments,
+        fingerprint: str | None = None,
     ) -> ScoreStore:
-        """Open ``folder`` for these scores (refused when it holds other scores)."""
+        """Open ``folder`` for these scores (refused when it holds other scores);
+        ``fingerprint``: the model's, when the caller has it (it is not hashed again)."""
         description = {
             "arguments": arguments.to_dict(),
             "factor_arguments": factors.arguments.to_dict(),
             "modules": factors.modules,
-            "model_fingerprint": model_fingerprint(model),
+            "model_fingerprint": fingerprint or model_fingerprint(model),
             "queries_sha256": examples_sha256(queries),
             "train_sha256": examples_sha256(train),
             "excise_version": package_version(),

@@ -44,6 +44,7 @@ from attribution.artifacts import (
     utc_timestamp,
     write_json,
 )
+from attribution.fingerprint import fingerprint_of
 from attribution.influence import ScoreArguments, stored_pairwise_scores
 from excise.commands.attribute import RunDescription, topk_rows, write_topk
 from excise.commands.audit import audit_models, load_audit_models, load_splits
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
         before = state_hashes(model)  # the original is hashed once, here
         with _timed(timings, "attribute", note):
             factors, attribution = attribute(
-                model, task, inputs, folder / "attribution", options, factors, progress
+                model, task, inputs, folder / "attribution", options, factors, before, progress
             )
         factor_path = args.factors or str(out / "attribution" / "factors")
         with _timed(timings, "scope + unlearn", note):
@@ -212,6 +213,7 @@ def attribute(
     folder: Path,
     options: EditOptions,
     factors: Factors | None = None,
+    hashes: dict[str, str] | None = None,
     progress: bool | None = None,
 ) -> tuple[Factors, dict]:
     """Factors on the training set (unless given); forget records' top-k proponents.
@@ -221,8 +223,17 @@ def attribute(
     (when fitted here), scores/, topk.jsonl and summary.md.
     """
     train, forget = inputs.records["train"], inputs.records["forget"]
+    fingerprint = fingerprint_of(hashes) if hashes is not None else None
     if factors is None:
-        factors = fit_factors(model, task, train, options.factors, folder / "factors", progress)
+        factors = fit_factors(
+            model,
+            task,
+            train,
+            options.factors,
+            folder / "factors",
+            progress,
+            fingerprint=fingerprint,
+        )
     folder.mkdir(exist_ok=True)
     ids = {"query_ids": [q["id"] for q in forget], "train_ids": [z["id"] for z in train]}
     damping = options.scope.damping
@@ -236,6 +247,7 @@ def attribute(
         ScoreArguments(damping=damping),
         ids,
         progress,
+        fingerprint=fingerprint,
     )
     k = min(TOP_K, len(train))
     rows = topk_rows(scores.total, forget, train, k)
