@@ -8,65 +8,38 @@ extraction strength; membership inference (LOSS, zlib, Min-K%, Min-K%++, privlea
 knowledge shift with bootstrap intervals; per-tensor parameter change; relearning
 robustness. :func:`write_report` renders it as ``report.json``, a self-contained
 ``report.html`` and ``report.md``. :class:`Ledger` is the append-only, hash-chained SQLite
-record of the deletion requests processed. Each metric is also a function of its own.
+record of the deletion requests processed. Each metric is also a function of its own
+module (:mod:`analysis.rouge`, :mod:`analysis.memorization`, :mod:`analysis.relearning` ...).
 
 >>> from analysis import harmonic_mean, privleak
 >>> harmonic_mean([0.5, 1.0]), privleak(0.75, 0.5)
 (0.6666666666666666, 50.0)
 """
 
-from analysis.audit import (
-    ArchitectureMismatchError,
-    AuditInputError,
-    TokenizerMismatchError,
-    audit,
-    check_same_architecture,
-    check_same_tokenizer,
-    split_metrics,
-)
-from analysis.ledger import Ledger, LedgerEntry, LedgerError
+from analysis.audit import AuditInputError, audit
+from analysis.ledger import Ledger, LedgerEntry
 from analysis.membership import membership_inference, privleak
-from analysis.memorization import exact_memorization, extraction_strength
-from analysis.relearning import relearning_robustness
-from analysis.report import ReportError, ReportPaths, render_html, render_markdown, write_report
-from analysis.rouge import rouge_l_recall
-from analysis.scoring import CompletionScores, score_completions
-from analysis.shift import knowledge_shift, parameter_change
+from analysis.report import write_report
+from analysis.scoring import score_completions
+from analysis.shift import knowledge_shift
 from analysis.truth import forget_quality, truth_ratio
 from analysis.utility import harmonic_mean, model_utility
 
 __all__ = [
     # the audit and its report
     "audit",
-    "split_metrics",
     "write_report",
-    "render_html",
-    "render_markdown",
-    "ReportPaths",
+    "AuditInputError",
     # the deletion ledger
     "Ledger",
     "LedgerEntry",
-    # metrics
+    # metrics (every other metric is a function of its module)
     "score_completions",
-    "CompletionScores",
     "truth_ratio",
     "forget_quality",
-    "rouge_l_recall",
     "model_utility",
     "harmonic_mean",
-    "exact_memorization",
-    "extraction_strength",
     "membership_inference",
     "privleak",
     "knowledge_shift",
-    "parameter_change",
-    "relearning_robustness",
-    # checks and errors
-    "check_same_architecture",
-    "check_same_tokenizer",
-    "AuditInputError",
-    "ArchitectureMismatchError",
-    "TokenizerMismatchError",
-    "ReportError",
-    "LedgerError",
 ]

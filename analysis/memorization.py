@@ -69,7 +69,7 @@ def token_statistics(
 def _batch_statistics(scores: TokenScores) -> dict[str, list[np.ndarray]]:
     """One array per record over its target positions."""
     mask = scores.mask  # [batch, seq]
-    logp = scores.log_softmax[mask]  # [n, vocab], float32 or wider
+    logp = scores.target_log_softmax  # [n, vocab], float32 or wider
     p = logp.exp()
     mean = (p * logp).sum(-1)
     var = (p * logp.square()).sum(-1) - mean.square()

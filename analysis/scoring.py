@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from attribution.task import LanguageModelingTask, Task, scored_batches
+from attribution.task import Task, scored_batches
 
 
 @dataclass(frozen=True)
@@ -59,24 +59,13 @@ def score_completions(
     batch_size: int = 32,
     progress: bool | None = None,
 ) -> CompletionScores:
-    """Score every record's targets under ``model`` (on the model's own device).
-
-    ``task`` is a :class:`~attribution.task.Task`; a bare tokenizer (anything without
-    ``token_scores``) is taken as ``LanguageModelingTask(tokenizer)``, for callers that
-    predate tasks.
-    """
-    task = as_task(task)
+    """Score every record's targets under ``model`` (on the model's own device)."""
     nll, n_tokens, n_correct = [], [], []
     for *_, scores in scored_batches(model, task, records, batch_size, "scoring", progress):
         nll.append(scores.nll.cpu())
         n_tokens.append(scores.length.cpu())
         n_correct.append(scores.correct.sum(1).cpu())
     return CompletionScores(torch.cat(nll), torch.cat(n_tokens), torch.cat(n_correct))
-
-
-def as_task(task: Task | Any) -> Task:
-    """``task`` itself, or ``LanguageModelingTask(task)`` when it is a tokenizer."""
-    return task if hasattr(task, "token_scores") else LanguageModelingTask(task)
 
 
 def per_record(values: torch.Tensor, scores_mask: torch.Tensor) -> list[torch.Tensor]:

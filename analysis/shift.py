@@ -17,15 +17,12 @@ the fraction changed, the L2 norm of the difference ‖θ_after − θ_before‖
 whether the tensors are bit-identical (``torch.equal``); the layer index is read from the
 name (``model.layers.3.mlp.up_proj.weight`` → 3).
 
->>> layer_index("model.layers.3.mlp.up_proj.weight"), layer_index("lm_head.weight")
-(3, None)
 >>> bootstrap_mean_ci([1.0, 1.0, 1.0])
 (1.0, 1.0)
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,12 +31,12 @@ import torch
 
 from analysis.scoring import per_record
 from attribution.errors import InputError
+from attribution.modules import layer_index
 from attribution.progress import evaluating
 from attribution.task import Task, on_device, scored_batches
 
 N_RESAMPLES = 1000
 TOP = 10
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 
 
 class StateMismatchError(InputError):
@@ -63,8 +60,8 @@ def token_shift(
             before, task, records, batch_size, "knowledge shift", progress
         ):
             new = task.token_scores(after, on_device(batch, device))
-            logp_before = old.log_softmax[old.mask]  # [n_tokens, vocab]
-            logp_after = new.log_softmax[new.mask].to(logp_before.device)
+            logp_before = old.target_log_softmax  # [n_tokens, vocab]
+            logp_after = new.target_log_softmax.to(logp_before.device)
             target = old.labels[old.mask]  # [n_tokens]
             picked = (logp_after - logp_before).gather(-1, target[:, None])[:, 0]  # [n_tokens]
             token_kl = (logp_before.exp() * (logp_before - logp_after)).sum(-1)  # [n_tokens]
@@ -158,16 +155,6 @@ def knowledge_shift(
     """Δ and KL from ``before`` to ``after`` on ``records``, as :func:`summarize_shift` gives."""
     change, kl = token_shift(before, after, task, records, batch_size=batch_size, progress=progress)
     return summarize_shift(records, change, kl, seed=seed, n_resamples=n_resamples, top=top)
-
-
-def layer_index(name: str) -> int | None:
-    """The block index in a parameter name (``layers.N``, ``h.N``, ``blocks.N``), else None.
-
-    >>> layer_index("transformer.h.11.attn.c_attn.weight")
-    11
-    """
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
 
 
 def parameter_change(

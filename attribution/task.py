@@ -63,20 +63,21 @@ class Task(Protocol):
 class TokenScores:
     """Teacher-forced statistics of a batch's target tokens, from one forward pass.
 
-    ``logits[b, t]`` predicts ``labels[b, t]`` (already shifted: position t of the input
-    predicts token t + 1); ``labels`` is ``-100`` where a token is not a target. Every
-    derived value keeps the graph (take ``torch.no_grad()`` outside when scoring only);
-    log-probabilities are computed in float32 or wider.
+        ``logits[b, t]`` predicts ``labels[b, t]`` (already shifted: position t of the input
+        predicts token t + 1); ``labels`` is ``-100`` where a token is not a target. Every
+        derived value keeps the graph (take ``torch.no_grad()`` outside when scoring only);
+        log-probabilities are computed in float32 or wider.
 
-    - ``log_probs[b, t] = log p(yₜ | y<ₜ)`` on targets, 0 elsewhere;  ``nll = −Σₜ log_probs``
-    - ``length`` the number of targets;  ``mean_nll = nll / length``
-    - ``correct[b, t]``: the target is the argmax (greedy decoding reproduces an answer iff
-      every target is correct).
+        - ``log_probs[b, t] = log p(yₜ | y<ₜ)`` on targets, 0 elsewhere;  ``nll = −Σₜ log_probs``
+    - ``target_log_softmax``: the full next-token log-distribution at each target, [n, vocab]
+        - ``length`` the number of targets;  ``mean_nll = nll / length``
+        - ``correct[b, t]``: the target is the argmax (greedy decoding reproduces an answer iff
+          every target is correct).
 
-    >>> logits = torch.tensor([[[0.0, 0.0], [2.0, 0.0]]])
-    >>> scores = TokenScores(logits, torch.tensor([[1, -100]]))
-    >>> round(scores.nll.item(), 4), scores.length.tolist(), scores.correct.tolist()
-    (0.6931, [1], [[False, False]])
+        >>> logits = torch.tensor([[[0.0, 0.0], [2.0, 0.0]]])
+        >>> scores = TokenScores(logits, torch.tensor([[1, -100]]))
+        >>> round(scores.nll.item(), 4), scores.length.tolist(), scores.correct.tolist()
+        (0.6931, [1], [[False, False]])
     """
 
     logits: torch.Tensor  # [batch, seq - 1, vocab]
@@ -90,16 +91,19 @@ class TokenScores:
         return self.labels != IGNORE_INDEX
 
     @cached_property
-    def log_softmax(self) -> torch.Tensor:
-        """log p(· | y<ₜ) at every position, float32 or wider, [batch, seq - 1, vocab]."""
-        logits = self.logits
-        return torch.log_softmax(logits.float() if logits.dtype.itemsize < 4 else logits, -1)
+    def target_log_softmax(self) -> torch.Tensor:
+        """log p(· | y<ₜ) at the target positions only, [n_targets, vocab] (row-major order
+        of ``mask``), float32 or wider: a full-vocabulary row is never built for padding or
+        prompt tokens."""
+        selected = self.logits[self.mask]
+        return torch.log_softmax(selected.float() if selected.dtype.itemsize < 4 else selected, -1)
 
     @cached_property
     def log_probs(self) -> torch.Tensor:
         """log p(yₜ | y<ₜ) of each target token (0 elsewhere), [batch, seq - 1]."""
-        picked = self.log_softmax.gather(-1, self.labels.clamp(min=0)[..., None])[..., 0]
-        return picked * self.mask
+        targets = self.labels[self.mask]
+        picked = self.target_log_softmax.gather(-1, targets[:, None])[:, 0]
+        return picked.new_zeros(self.labels.shape).masked_scatter(self.mask, picked)
 
     @property
     def nll(self) -> torch.Tensor:

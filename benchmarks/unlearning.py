@@ -66,13 +66,11 @@ from unlearn import (
     Scope,
     ScopeArguments,
     UnlearnArguments,
-    check_proof,
     choose_scope,
     measure,
-    scope_proof,
-    state_hashes,
-    unlearn,
+    scoped_edit,
 )
+from unlearn.proof import state_hashes
 
 SCOPED = ("ekfac", "wagle", "saliency", "random")
 ALL_SCOPES = ("all", *SCOPED)
@@ -248,7 +246,7 @@ def run_configuration(
     scope, scope_seconds = shared_scope(bench, config.scope, config.sparsity)
     model = copy.deepcopy(bench.base)
     started = time.perf_counter()
-    result = unlearn(
+    edit = scoped_edit(
         model,
         bench.task,
         bench.sets["forget"],
@@ -256,11 +254,12 @@ def run_configuration(
         scope,
         arguments,
         bench.factors,
-        False,
+        before=bench.base_hashes,
+        frozen=bench.base,
+        progress=False,
     )
     unlearn_seconds = time.perf_counter() - started
-    proof = scope_proof(bench.base_hashes, state_hashes(model), scope, model)
-    check_proof(proof)
+    result, proof = edit.result, edit.proof
     inside, outside = changed_elements(bench.base, model, scope)
     row = {
         **dataclasses.asdict(config),
@@ -432,7 +431,8 @@ def _header(columns: Sequence[str], text: Sequence[int] = (0, 1, 2, 3)) -> str:
 
 
 def _order(row: dict[str, Any]) -> tuple:
-    method = METHODS.index(row["method"]) if row["method"] in METHODS else len(METHODS)
+    names = list(METHODS)
+    method = names.index(row["method"]) if row["method"] in names else len(names)
     scope = ALL_SCOPES.index(row["scope"]) if row["scope"] in ALL_SCOPES else len(ALL_SCOPES)
     return (method, row["matched"], scope, row["sparsity"])
 

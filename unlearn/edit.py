@@ -79,7 +79,9 @@ def scoped_edit(
         scope = choose_scope(
             model, task, forget, retain, scope_arguments, factors, arguments.batch_size, progress
         )
-    result = unlearn(model, task, forget, retain, scope, arguments, factors, frozen, progress)
+    result = unlearn(
+        model, task, forget, retain, scope, arguments, factors, progress, frozen=frozen
+    )
     after = state_hashes(model)
     proof = scope_proof(before, after, scope, model)
     check_proof(proof)
@@ -102,10 +104,14 @@ def unlearn(
     scope: Scope,
     arguments: UnlearnArguments | None = None,
     factors: Factors | None = None,
-    frozen: nn.Module | None = None,
     progress: bool | None = None,
+    *,
+    frozen: nn.Module | None = None,
 ) -> UnlearnResult:
-    """Unlearn ``forget`` in place, editing only ``scope``; returns the loss history."""
+    """Unlearn ``forget`` in place, editing only ``scope``; returns the loss history.
+
+    ``frozen``: an unmodified copy of the original model, for methods that compare with it.
+    """
     arguments = arguments or UnlearnArguments()
     check_sets(forget, retain)
     scope.check_fits(model)

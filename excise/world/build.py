@@ -151,12 +151,14 @@ def paraphrased(record: Mapping[str, Any]) -> dict[str, Any]:
 def _exact_rates(model, tokenizer, splits) -> dict[str, dict[str, float]]:
     """Fraction of questions whose greedy answer is exactly right, per split and phrasing."""
     from analysis.scoring import score_completions
+    from attribution import LanguageModelingTask
 
+    task = LanguageModelingTask(tokenizer)
     rates = {}
     for split in SPLITS:
-        verbatim = score_completions(model, tokenizer, splits[split]).exact.float().mean()
+        verbatim = score_completions(model, task, splits[split]).exact.float().mean()
         reworded = (
-            score_completions(model, tokenizer, [paraphrased(r) for r in splits[split]])
+            score_completions(model, task, [paraphrased(r) for r in splits[split]])
             .exact.float()
             .mean()
         )

@@ -127,12 +127,79 @@ def test_user_files_without_a_reference(tiny_world, home, tmp_path):
     assert sha256_file(files["forget"]) == before
 
 
-def test_default_out_is_under_excise_home(home, tmp_path, world_run):
+def test_default_out_is_under_excise_home(home, tmp_path, world_run, capsys):
+    """A Newton run into $EXCISE_HOME/runs: the step found, forgot, and stayed in scope.
+
+    Measured (tiny world, ekfac scope 5 %, budget 0.5): η = 0.1 (η₀ = 0.2); forget loss
+    0.0075 → 0.597, retain loss 0.0096 → 0.186; forget probability 0.993 → 0.579.
+    """
     _, _, _ = world_run
+    runs_before = set((home / "runs").iterdir()) if (home / "runs").exists() else set()
+    capsys.readouterr()
     code = forget_cli("--size", "tiny", "--ledger", str(tmp_path / "l.db"), "--method", "newton")
     assert code == 0
-    runs = list((home / "runs").iterdir())
-    assert any((run / "report.html").is_file() for run in runs)
+    stdout = capsys.readouterr().out
+    (out,) = set((home / "runs").iterdir()) - runs_before
+    assert out.name.startswith("forget-")
+    for name in ("report.html", "report.json", "forget.json", "unlearn/manifest.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "forget.json").read_text())
+    manifest = json.loads((out / "unlearn" / "manifest.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    # the Newton step: a line-searched η > 0 that raised the forget loss within the budget
+    assert summary["unlearning"]["method"] == manifest["method"] == "newton"
+    result, arguments = manifest["result"], manifest["arguments"]
+    splits = summary["inputs"]["splits"]
+    n_forget, n_retain = splits["forget"]["n"], splits["retain"]["n"]
+    assert result["newton"]["eta0"] == pytest.approx(n_forget / (n_forget + n_retain))
+    (iteration,) = result["newton"]["iterations"]  # newton_iterations defaults to 1
+    assert iteration["eta"] > 0
+    assert result["stopped"] == "steps" and result["steps_run"] == 1
+    start, end = result["history"][0], result["history"][-1]
+    assert end["forget_loss"] > start["forget_loss"]
+    assert end["retain_loss"] <= start["retain_loss"] + arguments["retain_budget"]
+    assert end["forget_loss"] < arguments["forget_target"]  # the reference's: not reached
+    # the proof: every tensor without an in-scope element is bit-identical
+    proof = manifest["proof"]
+    assert proof["holds"] is True
+    assert 0 < proof["out_of_scope_identical"] == proof["out_of_scope_tensors"]
+    for row in proof["per_tensor"]:
+        if row["in_scope"] == 0:
+            assert row["identical"] and row["sha256_before"] == row["sha256_after"], row
+    assert proof["changed_tensors"] == sum(not r["identical"] for r in proof["per_tensor"]) > 0
+    # the audit agrees: only in-scope parameters changed, the forget set got less likely
+    parameters, scope = report["parameters"], manifest["scope"]
+    assert 0 < parameters["changed_parameters"] <= scope["edited"]
+    assert parameters["total_parameters"] == scope["total"]
+    unchanged = {m["name"] for m in parameters["modules"] if m["identical"]}
+    assert {r["name"] for r in manifest["edited_per_tensor"] if r["edited"] == 0} <= unchanged
+    # the headline has every field the printed summary reads, and forget.json copies it
+    head = report["headline"]
+    printed = {
+        "forget_quality",
+        "forget_probability_before",
+        "forget_probability_after",
+        "forget_probability_reference",
+        "model_utility_before",
+        "model_utility_after",
+        "changed_parameters_fraction",
+        "identical_tensors",
+        "total_tensors",
+    }
+    assert printed <= set(head) and all(head[k] is not None for k in printed)
+    assert {"retain", "neighbor"} <= set(report["shift"])
+    assert summary["headline"] == head
+    assert head["forget_probability_after"] < head["forget_probability_before"]
+    assert head["identical_tensors"] == len(unchanged)
+    unlearning = summary["unlearning"]
+    assert unlearning["stopped"] == result["stopped"]
+    assert unlearning["out_of_scope_identical"] == proof["out_of_scope_identical"]
+    assert (
+        f"unlearning: newton in the ekfac scope, {scope['edited']:,} of {scope['total']:,} "
+        f"parameters; 1 steps (steps); {proof['out_of_scope_identical']}/"
+        f"{proof['out_of_scope_tensors']} out-of-scope tensors bit-identical"
+    ) in stdout.splitlines()
+    assert stdout.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from analysis.scoring import score_completions
+from attribution import LanguageModelingTask
 from attribution.artifacts import sha256_file
 from excise.errors import BadInputError
 from excise.models import load_model
@@ -68,10 +69,16 @@ def exact_rates(tiny_world):
         model, tokenizer = load_model(tiny_world / name)
         for split in SPLITS:
             records = read_split(tiny_world, split)
-            rates[name, split] = score_completions(model, tokenizer, records).exact.float().mean()
+            rates[name, split] = (
+                score_completions(model, LanguageModelingTask(tokenizer), records)
+                .exact.float()
+                .mean()
+            )
             reworded = [paraphrased(r) for r in records]
             rates[name, split, "reworded"] = (
-                score_completions(model, tokenizer, reworded).exact.float().mean()
+                score_completions(model, LanguageModelingTask(tokenizer), reworded)
+                .exact.float()
+                .mean()
             )
     return rates
 
