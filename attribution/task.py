@@ -100,10 +100,13 @@ class TokenScores:
 
     @cached_property
     def log_probs(self) -> torch.Tensor:
-        """log p(yₜ | y<ₜ) of each target token (0 elsewhere), [batch, seq - 1]."""
-        targets = self.labels[self.mask]
-        picked = self.target_log_softmax.gather(-1, targets[:, None])[:, 0]
-        return picked.new_zeros(self.labels.shape).masked_scatter(self.mask, picked)
+        """log p(yₜ | y<ₜ) of each target token (0 elsewhere), [batch, seq - 1].
+
+        Computed as the task's loss is (:func:`token_nll`, float32 or wider), so a metric
+        and the training loss of the same tokens agree to the bit.
+        """
+        logits = self.logits.float() if self.logits.dtype.itemsize < 4 else self.logits
+        return -token_nll(logits, self.labels)
 
     @property
     def nll(self) -> torch.Tensor:

@@ -60,10 +60,13 @@ class UnlearnArguments:
         default=1, metadata={"help": "newton: scoped steps, each with a fresh gradient"}
     )
     newton_max_scale: float = field(
-        default=4096.0, metadata={"help": "newton: the line search tries η₀ × 2ᵏ up to this"}
+        default=4096.0, metadata={"help": "newton: the line search tries η₀ × 4ᵏ up to this"}
     )
     damping: Damping = field(
         default_factory=Damping, metadata={"help": "newton: λ of the damped inverse"}
+    )
+    strangers: tuple[str, ...] = field(
+        default=(), metadata={"help": "distill: names the model never saw (the stranger pool)"}
     )
     seed: int = field(default=0, metadata={"help": "seeds the batch order"})
 
@@ -80,6 +83,10 @@ class UnlearnArguments:
         if self.beta is not None and not self.beta > 0:
             raise InputError(f"beta must be > 0, got {self.beta!r}")
         object.__setattr__(self, "damping", Damping.of(self.damping))
+        strangers = tuple(self.strangers)
+        if not all(isinstance(n, str) and n.strip() for n in strangers):
+            raise InputError("strangers must be non-empty names")
+        object.__setattr__(self, "strangers", strangers)
 
     @property
     def effective_beta(self) -> float:

@@ -62,7 +62,8 @@ def optimize(
         frozen = frozen if frozen is not None else _frozen_copy(model)
     state = method.prepare(model, task, forget, arguments, frozen) if method.prepare else {}
     generator = torch.Generator().manual_seed(arguments.seed)
-    forget_batches = _endless_batches(forget, arguments.batch_size, generator)
+    forget_examples = state.get("forget_examples", forget)  # a method may rewrite them
+    forget_batches = _endless_batches(forget_examples, arguments.batch_size, generator)
     retain_batches = _endless_batches(retain, arguments.batch_size, generator)
     monitor = Monitor(model, task, forget, retain, arguments.batch_size)
     result = UnlearnResult(history=[monitor.measure(0)])
@@ -72,14 +73,16 @@ def optimize(
     with _only_grad_for(params, names), evaluating(model, *frozen_models):
         bar = progress_bar(range(arguments.steps), f"unlearn ({arguments.method})", progress)
         for step_index in bar:
+            forget_records = next(forget_batches)
             step = Step(
                 model,
                 task,
-                on_device(task.collate(next(forget_batches)), device),
+                on_device(task.collate(forget_records), device),
                 on_device(task.collate(next(retain_batches)), device),
                 arguments,
                 frozen,
                 state,
+                forget_records,
             )
             loss = method.loss(step)
             if not torch.isfinite(loss):

@@ -8,7 +8,7 @@ method is one entry here. Every loss scores batches through the task
 (:meth:`attribution.task.Task.token_scores`).
 
 >>> sorted(METHODS)
-['ga', 'gd', 'idk', 'kl', 'newton', 'npo', 'rmu', 'simnpo']
+['distill', 'ga', 'gd', 'idk', 'kl', 'newton', 'npo', 'rmu', 'simnpo']
 >>> METHODS["simnpo"].default_beta, METHODS["npo"].uses_frozen, METHODS["newton"].loss is None
 (4.5, True, True)
 """
@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from attribution.errors import InputError
-from attribution.task import Task, TokenScores, scored_batches
-from unlearn import objectives
+from attribution.task import Task, TokenScores, on_device, scored_batches
+from unlearn import objectives, stranger
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Step:
     arguments: Any  # unlearn.arguments.UnlearnArguments
     frozen: nn.Module | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    forget_records: Sequence[Any] = ()  # the examples the forget batch was collated from
 
     def scores(self, which: str, hidden_states: bool = False) -> TokenScores:
         """The model's token scores of the ``forget`` or ``retain`` batch (with the graph)."""
@@ -135,6 +136,25 @@ def _rmu(step: Step) -> torch.Tensor:
     )
 
 
+def _distill(step: Step) -> torch.Tensor:
+    student = step.scores("forget")
+    device = step.forget["input_ids"].device
+    teachers = step.task.collate([r[stranger.TEACHER] for r in step.forget_records])
+    teacher = step.frozen_scores(on_device(teachers, device))
+    forget_term = stranger.distillation_kl(student, teacher).mean()
+    retain = step.scores("retain")
+    reference = step.frozen_scores(step.retain)
+    retain_term = objectives.token_kl(reference.logits, retain.logits, retain.mask).mean()
+    return forget_term + step.alpha * retain_term
+
+
+def _distill_state(model, task, forget, arguments, frozen) -> dict[str, Any]:
+    """The student/teacher record pairs (forget records and paraphrases, names swapped)."""
+    aligned = stranger.token_aligned(task)
+    pairs = stranger.stranger_pairs(forget, arguments.strangers, aligned, arguments.seed)
+    return {"forget_examples": pairs}
+
+
 def _rmu_state(model, task, forget, arguments, frozen) -> dict[str, Any]:
     """The steered block and its target c·u (c = rmu_scale × mean ‖h_l‖ on forget tokens)."""
     n_layers = getattr(model.config, "num_hidden_layers", None) or model.config.n_layer
@@ -209,5 +229,13 @@ METHODS: dict[str, Method] = {
         Method("idk", "DPO toward an 'I don't know' answer", _idk, True, 0.1, _idk_state),
         Method("rmu", "representation misdirection at one block", _rmu, True, None, _rmu_state),
         Method("newton", "one scoped EK-FAC Newton step, line-searched", None, needs_factors=True),
+        Method(
+            "distill",
+            "stranger distillation: answer as the original model does about a stranger",
+            _distill,
+            True,
+            None,
+            _distill_state,
+        ),
     )
 }
