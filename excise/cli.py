@@ -202,6 +202,11 @@ def _add_unlearn_arguments(
     parser.add_argument(
         "--reference", help="a model retrained without the forget set: stop at its forget loss"
     )
+    parser.add_argument(
+        "--strangers",
+        help="distill: records whose subjects the model never saw (the name pool; "
+        "excise forget defaults to --holdout)",
+    )
     add_edit_options(parser, defaults)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
 

@@ -49,7 +49,13 @@ from attribution.influence import ScoreArguments, stored_pairwise_scores
 from excise.commands.attribute import RunDescription, topk_rows, write_topk
 from excise.commands.audit import audit_models, load_audit_models, load_splits
 from excise.commands.ledger import entry_from_report
-from excise.commands.unlearn import EditOptions, arguments_from, edit_model, write_outputs
+from excise.commands.unlearn import (
+    EditOptions,
+    arguments_from,
+    edit_model,
+    with_strangers,
+    write_outputs,
+)
 from excise.errors import BadInputError
 from excise.home import default_ledger_path, excise_home
 from excise.models import check_model_folder, choose_device
@@ -92,8 +98,11 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
     """Validate everything, run the five stages, record the request; returns the summary."""
     options = arguments_from(args)
     inputs = resolve_inputs(args, note)
+    strangers = read_records(args.strangers) if args.strangers else inputs.records.get("holdout")
+    options = with_strangers(options, strangers)
     ledger = Ledger(args.ledger or default_ledger_path())
-    out = check_new_output(args.out or _default_out(), _input_paths(inputs))
+    named = [Path(args.strangers)] if args.strangers else []
+    out = check_new_output(args.out or _default_out(), _input_paths(inputs) + named)
     folders = {"before": inputs.model, "reference": inputs.reference}
     models, tokenizer = load_audit_models(folders, choose_device(args.device))
     model, reference = models["before"], models.get("reference")

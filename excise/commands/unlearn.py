@@ -30,6 +30,7 @@ from attribution.artifacts import (
     write_json,
 )
 from attribution.curvature import Damping
+from excise.errors import BadInputError
 from excise.models import (
     check_model_folder,
     choose_device,
@@ -48,6 +49,7 @@ from unlearn import (
     measure,
     scoped_edit,
 )
+from unlearn.stranger import subject_pool
 
 KIND = "unlearning"
 MANIFEST_SCHEMA = "excise-unlearn/1"
@@ -81,13 +83,33 @@ def arguments_from(args: argparse.Namespace) -> EditOptions:
     )
 
 
+def with_strangers(options: EditOptions, records: list[dict] | None) -> EditOptions:
+    """The options with the stranger pool (the subjects of ``records``) for ``distill``."""
+    if options.unlearn.method != "distill":
+        return options
+    if records is None:
+        raise BadInputError(
+            "--method distill needs --strangers FILE: records whose subjects the model never "
+            "saw (e.g. a holdout split), to ask the original model about a stranger"
+        )
+    pool = subject_pool(records)
+    if not pool:
+        raise BadInputError("--strangers: no record names a 'subject'; the name pool is empty")
+    return dataclasses.replace(
+        options, unlearn=dataclasses.replace(options.unlearn, strangers=pool)
+    )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Validate everything, then unlearn and write OUT; returns the manifest."""
     options = arguments_from(args)
     model_dir = check_model_folder(args.model)
     forget, retain = read_records(args.forget), read_records(args.retain)
     check_sets(forget, retain)
-    out = check_new_output(args.out, [model_dir, Path(args.forget), Path(args.retain)])
+    strangers = read_records(args.strangers) if args.strangers else None
+    options = with_strangers(options, strangers)
+    inputs = [model_dir, Path(args.forget), Path(args.retain)]
+    out = check_new_output(args.out, inputs + ([Path(args.strangers)] if strangers else []))
     device = choose_device(args.device)
     model, tokenizer = load_model(model_dir)
     model.to(device)

@@ -47,8 +47,10 @@ def run(setting, method, scope_method, sparsity=0.1, ranking="global", **extra):
     return base, model, scope, result
 
 
+# distill needs text records that name a subject: tests/unlearn/test_stranger.py checks its
+# scope on the tiny world.
 @pytest.mark.parametrize("scope_method", SCOPES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "distill"])
 def test_only_in_scope_elements_change(setting, method, scope_method):
     if method == "newton":  # the line search needs a budget; per-tensor ranking puts some
         # of the scope in every tracked module (a global one may take embeddings only)
