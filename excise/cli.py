@@ -197,15 +197,15 @@ def _add_unlearn_arguments(
         parser.add_argument("--model", required=True, help="local Hugging Face causal-LM folder")
         parser.add_argument("--forget", required=True, help="the examples to forget")
         parser.add_argument("--retain", required=True, help="examples whose knowledge to keep")
+        parser.add_argument(
+            "--holdout",
+            help="records about entities the model never saw: distill's stranger names "
+            "and the calibrated stop's target",
+        )
         parser.add_argument("--out", required=True, help="output folder (must not exist)")
     parser.add_argument("--factors", help="reuse EK-FAC factors fitted for this model")
     parser.add_argument(
         "--reference", help="a model retrained without the forget set: stop at its forget loss"
-    )
-    parser.add_argument(
-        "--strangers",
-        help="distill: records whose subjects the model never saw (the name pool; "
-        "excise forget defaults to --holdout)",
     )
     add_edit_options(parser, defaults)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")

@@ -21,6 +21,7 @@ from unlearn.methods import METHODS
 from unlearn.scope import check_choice
 
 FALLBACK_BETA = 0.1  # β of a method that has no default of its own
+STOPS = ("budget", "calibrated")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,15 @@ class UnlearnArguments:
     damping: Damping = field(
         default_factory=Damping, metadata={"help": "newton: λ of the damped inverse"}
     )
+    stop: str = field(
+        default="budget",
+        metadata={
+            "help": "budget: the retain budget and forget target end a run; calibrated: it "
+            "ends where its truth ratios best match never having learned (needs a holdout "
+            "split or a reference model)",
+            "choices": STOPS,
+        },
+    )
     strangers: tuple[str, ...] = field(
         default=(), metadata={"help": "distill: names the model never saw (the stranger pool)"}
     )
@@ -72,6 +82,7 @@ class UnlearnArguments:
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, tuple(METHODS))
+        check_choice("stop", self.stop, STOPS)
         for name in ("steps", "batch_size", "eval_every", "newton_iterations"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -24,7 +24,7 @@ from unlearn.arguments import UnlearnArguments
 from unlearn.importance import choose_scope
 from unlearn.loop import optimize
 from unlearn.methods import METHODS
-from unlearn.monitor import UnlearnResult
+from unlearn.monitor import Criterion, UnlearnResult
 from unlearn.newton import newton_unlearn
 from unlearn.proof import check_proof, scope_proof, state_hashes
 from unlearn.scope import Scope, ScopeArguments
@@ -54,13 +54,15 @@ def scoped_edit(
     *,
     before: Mapping[str, str] | None = None,
     frozen: nn.Module | None = None,
+    criterion: Criterion | None = None,
     progress: bool | None = None,
 ) -> ScopedEdit:
     """Choose the scope (unless ``scope`` is one), unlearn in place, prove it stayed inside.
 
     ``before``: the per-tensor hashes of ``model`` when the caller has them already (each
     state is hashed once); ``frozen``: an unmodified copy of the original model for methods
-    that compare with it (otherwise one is copied). Raises
+    that compare with it (otherwise one is copied); ``criterion``: a calibrated stop (see
+    :func:`unlearn.loop.optimize`). Raises
     :class:`~unlearn.proof.ScopeViolation` if a tensor outside the scope changed.
 
     >>> import torch
@@ -80,7 +82,16 @@ def scoped_edit(
             model, task, forget, retain, scope_arguments, factors, arguments.batch_size, progress
         )
     result = unlearn(
-        model, task, forget, retain, scope, arguments, factors, progress, frozen=frozen
+        model,
+        task,
+        forget,
+        retain,
+        scope,
+        arguments,
+        factors,
+        progress,
+        frozen=frozen,
+        criterion=criterion,
     )
     after = state_hashes(model)
     proof = scope_proof(before, after, scope, model)
@@ -107,10 +118,12 @@ def unlearn(
     progress: bool | None = None,
     *,
     frozen: nn.Module | None = None,
+    criterion: Criterion | None = None,
 ) -> UnlearnResult:
     """Unlearn ``forget`` in place, editing only ``scope``; returns the loss history.
 
-    ``frozen``: an unmodified copy of the original model, for methods that compare with it.
+    ``frozen``: an unmodified copy of the original model, for methods that compare with it;
+    ``criterion``: a calibrated stop for the masked loop (not for the Newton step).
     """
     arguments = arguments or UnlearnArguments()
     check_sets(forget, retain)
@@ -118,8 +131,10 @@ def unlearn(
     if scope.edited == 0:
         raise InputError("the scope is empty: no parameter may change")
     if METHODS[arguments.method].loss is None:
+        if criterion is not None:
+            raise InputError("the calibrated stop is for the masked loop, not the newton step")
         return newton_unlearn(model, task, forget, retain, scope, arguments, factors, progress)
-    return optimize(model, task, forget, retain, scope, arguments, frozen, progress)
+    return optimize(model, task, forget, retain, scope, arguments, frozen, progress, criterion)
 
 
 def check_sets(forget: Sequence[Any], retain: Sequence[Any]) -> None:

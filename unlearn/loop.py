@@ -32,7 +32,7 @@ from attribution.task import Task, on_device
 from unlearn.arguments import UnlearnArguments
 from unlearn.importance import trainable
 from unlearn.methods import METHODS, Step
-from unlearn.monitor import Monitor, UnlearnResult
+from unlearn.monitor import Criterion, Monitor, UnlearnResult
 from unlearn.optimizer import MaskedAdamW
 from unlearn.scope import Scope
 
@@ -46,11 +46,14 @@ def optimize(
     arguments: UnlearnArguments,
     frozen: nn.Module | None = None,
     progress: bool | None = None,
+    criterion: Criterion | None = None,
 ) -> UnlearnResult:
     """Minimise the method's loss in place, editing only ``scope`` (module docstring).
 
     ``frozen``: the original model for methods that compare with it (a deep copy of
     ``model`` is made when they need one and none is given); it is never modified.
+    ``criterion``: a calibrated stop (:class:`~unlearn.monitor.Criterion`), measured at
+    every measurement; the run ends restored to the measured state where it was lowest.
     """
     method = METHODS[arguments.method]
     params = trainable(model)
@@ -65,9 +68,10 @@ def optimize(
     forget_examples = state.get("forget_examples", forget)  # a method may rewrite them
     forget_batches = _endless_batches(forget_examples, arguments.batch_size, generator)
     retain_batches = _endless_batches(retain, arguments.batch_size, generator)
-    monitor = Monitor(model, task, forget, retain, arguments.batch_size)
+    monitor = Monitor(model, task, forget, retain, arguments.batch_size, criterion)
     result = UnlearnResult(history=[monitor.measure(0)])
     saved = optimizer.snapshot()
+    best = (result.start.criterion, 0, saved) if criterion is not None else None
     device = next(model.parameters()).device
     frozen_models = (frozen,) if frozen is not None else ()
     with _only_grad_for(params, names), evaluating(model, *frozen_models):
@@ -105,13 +109,31 @@ def optimize(
                 break
             result.history.append(point)
             saved = optimizer.snapshot()
+            if best is not None and point.criterion < best[0]:
+                best = (point.criterion, point.step, saved)
             target = arguments.forget_target
             if target is not None and point.forget_loss >= target:
                 result.stopped = "forget target"
                 break
-    if result.stopped == "retain budget":
+    if best is not None:
+        _restore_best(optimizer, best, result, criterion)
+        result.history.append(monitor.measure(best[1]))
+    elif result.stopped == "retain budget":
         result.history.append(monitor.measure(result.history[-1].step))
     return result
+
+
+def _restore_best(optimizer, best, result: UnlearnResult, criterion: Criterion) -> None:
+    """End in the measured state where the criterion was lowest (see :func:`optimize`)."""
+    value, step, values = best
+    optimizer.restore(values)
+    result.details["calibrated_stop"] = {
+        "criterion": criterion.name,
+        "best_step": step,
+        "best_value": value,
+        "per_step": [[m.step, m.criterion] for m in result.history],
+    }
+    result.stopped = "calibrated"
 
 
 def _endless_batches(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -43,11 +43,23 @@ def measure(
 
 @dataclass
 class Measurement:
-    """Mean token NLL of the forget and retain samples after ``step`` steps."""
+    """Mean token NLL of the forget and retain samples after ``step`` steps (and the stop
+    criterion's value, when the run has one)."""
 
     step: int
     forget_loss: float
     retain_loss: float
+    criterion: float | None = None
+
+
+class Criterion(Protocol):
+    """A calibrated stop: ``criterion(model)`` is how far the model is from its target
+    (lower is better); the run ends in the measured state where it was lowest. ``name``
+    says what it measures (recorded in the result)."""
+
+    name: str
+
+    def __call__(self, model: nn.Module) -> float: ...
 
 
 @dataclass
@@ -86,14 +98,18 @@ class Monitor:
         forget: Sequence[Any],
         retain: Sequence[Any],
         batch_size: int,
+        criterion: Criterion | None = None,
     ):
         self.model, self.task, self.batch_size = model, task, batch_size
         self.forget, self.retain = forget[:EVAL_SAMPLE], retain[:EVAL_SAMPLE]
+        self.criterion = criterion
 
     def measure(self, step: int) -> Measurement:
         with evaluating(self.model):
+            value = None if self.criterion is None else float(self.criterion(self.model))
             return Measurement(
                 step,
                 measure(self.model, self.task, self.forget, self.batch_size),
                 measure(self.model, self.task, self.retain, self.batch_size),
+                value,
             )

@@ -98,11 +98,9 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
     """Validate everything, run the five stages, record the request; returns the summary."""
     options = arguments_from(args)
     inputs = resolve_inputs(args, note)
-    strangers = read_records(args.strangers) if args.strangers else inputs.records.get("holdout")
-    options = with_strangers(options, strangers)
+    options = with_strangers(options, inputs.records.get("holdout"))
     ledger = Ledger(args.ledger or default_ledger_path())
-    named = [Path(args.strangers)] if args.strangers else []
-    out = check_new_output(args.out or _default_out(), _input_paths(inputs) + named)
+    out = check_new_output(args.out or _default_out(), _input_paths(inputs))
     folders = {"before": inputs.model, "reference": inputs.reference}
     models, tokenizer = load_audit_models(folders, choose_device(args.device))
     model, reference = models["before"], models.get("reference")
@@ -130,6 +128,7 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
                 reference=reference,
                 frozen=model,
                 before=before,
+                holdout=inputs.records.get("holdout"),
                 progress=progress,
             )
             (folder / "unlearn").mkdir()

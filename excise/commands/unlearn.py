@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from analysis.calibration import TruthRatioMatch
 from attribution import FactorArguments, Factors, LanguageModelingTask, fit_factors
 from attribution.artifacts import (
     atomic_directory,
@@ -89,12 +90,12 @@ def with_strangers(options: EditOptions, records: list[dict] | None) -> EditOpti
         return options
     if records is None:
         raise BadInputError(
-            "--method distill needs --strangers FILE: records whose subjects the model never "
-            "saw (e.g. a holdout split), to ask the original model about a stranger"
+            "--method distill needs --holdout FILE: records whose subjects the model never "
+            "saw, to ask the original model about a stranger"
         )
     pool = subject_pool(records)
     if not pool:
-        raise BadInputError("--strangers: no record names a 'subject'; the name pool is empty")
+        raise BadInputError("--holdout: no record names a 'subject'; the name pool is empty")
     return dataclasses.replace(
         options, unlearn=dataclasses.replace(options.unlearn, strangers=pool)
     )
@@ -106,10 +107,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = check_model_folder(args.model)
     forget, retain = read_records(args.forget), read_records(args.retain)
     check_sets(forget, retain)
-    strangers = read_records(args.strangers) if args.strangers else None
-    options = with_strangers(options, strangers)
+    holdout = read_records(args.holdout) if args.holdout else None
+    options = with_strangers(options, holdout)
     inputs = [model_dir, Path(args.forget), Path(args.retain)]
-    out = check_new_output(args.out, inputs + ([Path(args.strangers)] if strangers else []))
+    out = check_new_output(args.out, inputs + ([Path(args.holdout)] if holdout else []))
     device = choose_device(args.device)
     model, tokenizer = load_model(model_dir)
     model.to(device)
@@ -128,6 +129,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             factors=factors,
             factor_folder=folder / "factors",
             reference=reference_model,
+            holdout=holdout,
             progress=progress,
         )
         inputs = {
@@ -153,6 +155,7 @@ def edit_model(
     reference: nn.Module | None = None,
     frozen: nn.Module | None = None,
     before: dict[str, str] | None = None,
+    holdout: list | None = None,
     progress: bool | None = None,
 ) -> ScopedEdit:
     """Fit factors if the scope or method needs them, then :func:`unlearn.scoped_edit`.
@@ -160,15 +163,17 @@ def edit_model(
     ``reference``: a model retrained without the forget set, on the model's device; unless
     a forget target is set, the run stops at its forget loss. ``frozen``/``before``: an
     unmodified original and its hashes, when the caller has them (nothing is copied or
-    hashed twice).
+    hashed twice). ``holdout``: records of entities the model never saw (the calibrated
+    stop's target when there is no reference).
     """
     arguments = options.unlearn
+    criterion = calibrated_stop(arguments, model, task, forget, reference, holdout)
     needs_factors = options.scope.method == "ekfac" or METHODS[arguments.method].needs_factors
     if needs_factors and factors is None:
         factors = fit_factors(
             model, task, list(forget) + list(retain), options.factors, factor_folder, progress
         )
-    if reference is not None and arguments.forget_target is None:
+    if reference is not None and arguments.forget_target is None and criterion is None:
         target = measure(reference, task, forget, arguments.batch_size)
         arguments = dataclasses.replace(arguments, forget_target=target)
     return scoped_edit(
@@ -181,7 +186,22 @@ def edit_model(
         factors,
         before=before,
         frozen=frozen,
+        criterion=criterion,
         progress=progress,
+    )
+
+
+def calibrated_stop(arguments, model, task, forget, reference, holdout) -> TruthRatioMatch | None:
+    """The criterion of ``--stop calibrated``: truth ratios matched to the reference's on the
+    forget split, or (no reference) to the original model's on the holdout split."""
+    if arguments.stop != "calibrated":
+        return None
+    if reference is not None:
+        return TruthRatioMatch.to_reference(reference, task, forget)
+    if holdout:
+        return TruthRatioMatch.to_holdout(model, task, forget, holdout)
+    raise BadInputError(
+        "--stop calibrated needs --holdout FILE (entities the model never saw) or --reference"
     )
 
 

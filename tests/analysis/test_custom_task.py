@@ -101,7 +101,8 @@ def test_the_audit_measures_what_the_task_scores(models, small):
     with torch.no_grad():
         before, after = (task.token_scores(m, task.collate([record])) for m in (base, reference))
     change = report["shift"]["forget"]["log_prob_change"]["per_example"][0]
-    assert change == pytest.approx((before.nll - after.nll).item(), rel=1e-4)
+    # the shift uses the full log-distribution, the task its loss: float32 rounding apart
+    assert change == pytest.approx((before.nll - after.nll).item(), rel=1e-4, abs=1e-6)
     assert int(before.length) == LAST
     assert report["metrics"]["forget"]["before"]["rouge_l_recall"]["value"] is not None
     assert report["relearning"]["available"] and report["membership"]["available"]

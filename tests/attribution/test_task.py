@@ -208,7 +208,8 @@ def test_correct_is_true_where_the_model_predicts_the_target():
     assert scores.correct.tolist() == [[True, False, False]]
     assert scores.length.tolist() == [2]
     half = TokenScores(logits.half(), torch.tensor([[1, 2, -100]]))
-    assert half.log_softmax.dtype == torch.float32  # never below float32
+    assert half.target_log_softmax.dtype == torch.float32  # never below float32
+    assert half.log_probs.dtype == torch.float32
     torch.testing.assert_close(half.nll, scores.nll, rtol=1e-3, atol=1e-3)
 
 

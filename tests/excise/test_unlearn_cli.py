@@ -105,8 +105,8 @@ def test_factors_are_saved_and_reused_but_not_for_another_model(edited, tiny_wor
         ("out_is_model", "must be a new folder"),
         ("out_inside_model", "must be a new folder"),
         ("missing_forget", "no such file"),
-        ("distill_without_strangers", "needs --strangers"),
-        ("distill_strangers_without_subject", "name pool is empty"),
+        ("distill_without_holdout", "needs --holdout"),
+        ("distill_holdout_without_subject", "name pool is empty"),
         ("distill_forget_without_subject", "'subject' field"),
         ("negative_damping", "damping value must be"),
     ],
@@ -134,18 +134,18 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
         out = tiny_world / "base" / "edited"
     elif case == "missing_forget":
         files["forget"] = tmp_path / "nope.jsonl"
-    elif case == "distill_without_strangers":
+    elif case == "distill_without_holdout":
         extra = ["--method", "distill"]
-    elif case == "distill_strangers_without_subject":
+    elif case == "distill_holdout_without_subject":
         plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "Q", "completion": " A"}])
-        extra = ["--method", "distill", "--strangers", str(plain)]
+        extra = ["--method", "distill", "--holdout", str(plain)]
     elif case == "distill_forget_without_subject":
         records = [json.loads(line) for line in (tiny_world / "forget.jsonl").open()]
         files["forget"] = write_jsonl(
             tmp_path / "anonymous.jsonl",
             [{k: v for k, v in r.items() if k != "subject"} for r in records],
         )
-        extra = ["--method", "distill", "--strangers", str(tiny_world / "holdout.jsonl")]
+        extra = ["--method", "distill", "--holdout", str(tiny_world / "holdout.jsonl")]
     elif case == "negative_damping":
         extra = ["--damping", "-1"]
     try:

@@ -1,0 +1,76 @@
+"""What "never learned" looks like, as a number a run can stop on.
+
+A model that never saw a person answers questions about them with truth ratios (TOFU's
+R = P̄(perturbed) / P(paraphrased)) spread like its answers about anyone else it never saw.
+So, with no retrained model at hand, the target distribution is the **original** model's
+truth ratios on the holdout split (people never trained on); with a reference model
+retrained without the forget set, it is the reference's truth ratios on the forget split.
+:class:`TruthRatioMatch` measures the two-sample KS statistic
+
+    D = sup_x |F_model(x) − F_target(x)|
+
+between the model's forget-split truth ratios and that target (lower: closer to never
+having learned). The unlearning loop takes it as a calibrated stop
+(:class:`unlearn.monitor.Criterion`) and ends where D was lowest.
+
+>>> match = TruthRatioMatch(None, [], np.array([0.2, 0.4]), "demo")
+>>> match.distance(np.array([0.2, 0.4]))
+0.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.stats import ks_2samp
+
+from analysis.truth import answer_log_probs, truth_ratio_fields_missing, truth_ratios
+from attribution.errors import InputError
+from attribution.task import Task
+
+
+def split_truth_ratios(
+    model: Any, task: Task, records: Sequence[Mapping[str, Any]], batch_size: int = 32
+) -> np.ndarray:
+    """R per record (TOFU's truth ratio), float64; refuses records without the answers."""
+    reason = truth_ratio_fields_missing(records)
+    if reason is not None:
+        raise InputError(f"the calibrated stop needs truth ratios: {reason}")
+    paraphrased, perturbed = answer_log_probs(
+        model, task, records, batch_size=batch_size, progress=False
+    )
+    return truth_ratios(paraphrased, perturbed)
+
+
+@dataclass
+class TruthRatioMatch:
+    """D between a model's truth ratios on ``records`` and ``target`` (a calibrated stop)."""
+
+    task: Task
+    records: Sequence[Mapping[str, Any]]
+    target: np.ndarray
+    name: str
+    batch_size: int = 32
+
+    def __call__(self, model: Any) -> float:
+        return self.distance(split_truth_ratios(model, self.task, self.records, self.batch_size))
+
+    def distance(self, ratios: np.ndarray) -> float:
+        return float(ks_2samp(ratios, self.target).statistic)
+
+    @classmethod
+    def to_holdout(
+        cls, original: Any, task: Task, forget: Sequence, holdout: Sequence
+    ) -> TruthRatioMatch:
+        """Target: the original model's truth ratios on people it never saw (no reference)."""
+        target = split_truth_ratios(original, task, holdout)
+        return cls(task, forget, target, "KS D of forget truth ratios vs the original on holdout")
+
+    @classmethod
+    def to_reference(cls, reference: Any, task: Task, forget: Sequence) -> TruthRatioMatch:
+        """Target: the reference (retrained without the forget set) on the forget split."""
+        target = split_truth_ratios(reference, task, forget)
+        return cls(task, forget, target, "KS D of forget truth ratios vs the reference")
