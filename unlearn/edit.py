@@ -10,6 +10,7 @@ bit-identical (:mod:`unlearn.proof`). The model is edited in place.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -79,7 +80,17 @@ def scoped_edit(
     scope_arguments = scope if isinstance(scope, ScopeArguments) else None
     if scope_arguments is not None:
         scope = choose_scope(
-            model, task, forget, retain, scope_arguments, factors, arguments.batch_size, progress
+            model,
+            task,
+            forget,
+            retain,
+            scope_arguments,
+            factors,
+            arguments.batch_size,
+            progress,
+            forget_gradient=_scope_gradient(
+                model, task, forget, scope_arguments, arguments, frozen
+            ),
         )
     result = unlearn(
         model,
@@ -105,6 +116,15 @@ def scoped_edit(
         fingerprint_of(before),
         fingerprint_of(after),
     )
+
+
+def _scope_gradient(model, task, forget, scope_arguments, arguments, frozen):
+    """ḡ_f of the method's own forget term, for scopes that rank by a gradient."""
+    gradient = METHODS[arguments.method].scope_gradient
+    if gradient is None or scope_arguments.method in ("all", "random", "magnitude"):
+        return None
+    reference = frozen if frozen is not None else copy.deepcopy(model).eval()
+    return gradient(model, task, forget, arguments, reference)
 
 
 def unlearn(

@@ -19,7 +19,7 @@ computed with ``torch.autograd.grad`` (the model's ``.grad`` fields are never to
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -44,8 +44,13 @@ def mean_gradient(
     batch_size: int = 16,
     progress: bool | None = None,
     desc: str = "gradient",
+    loss: Callable[[dict[str, torch.Tensor], int, int], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """ḡ = (1/n) Σᵢ ∇θ ℓ(zᵢ) for every trainable parameter (float32 or wider)."""
+    """ḡ = (1/n) Σᵢ ∇θ ℓ(zᵢ) for every trainable parameter (float32 or wider).
+
+    ℓ is the task's loss, or ``loss(batch, first, last)`` — the summed loss of
+    ``examples[first:last]`` collated as ``batch`` — when given.
+    """
     if len(examples) == 0:
         raise InputError(f"no examples to take the {desc} of")
     params = trainable(model)
@@ -53,11 +58,11 @@ def mean_gradient(
     total = [
         torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in tensors
     ]
-    for _, _, batch in batches(model, task, examples, batch_size, desc, progress):
-        loss = task.loss(model, batch).sum()
-        if not torch.isfinite(loss):
-            raise NonFiniteError(f"the {desc} loss is not finite ({loss.item()})")
-        grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+    for first, last, batch in batches(model, task, examples, batch_size, desc, progress):
+        value = task.loss(model, batch).sum() if loss is None else loss(batch, first, last)
+        if not torch.isfinite(value):
+            raise NonFiniteError(f"the {desc} loss is not finite ({value.item()})")
+        grads = torch.autograd.grad(value, tensors, allow_unused=True)
         for acc, g in zip(total, grads, strict=True):
             if g is not None:
                 acc += g
@@ -150,10 +155,13 @@ def choose_scope(
     factors: Factors | None = None,
     batch_size: int = 16,
     progress: bool | None = None,
+    forget_gradient: Mapping[str, torch.Tensor] | None = None,
 ) -> Scope:
     """The scope of ``arguments.method`` at ``arguments.sparsity``.
 
     ``factors`` are needed for ``ekfac``; ``all`` and a sparsity of 1 keep everything.
+    ``forget_gradient``: ḡ_f when the forget term is not the NLL's (e.g. the gradient of
+    the unlearning objective itself); by default the mean gradient of the task's loss.
     """
     method = arguments.method
     if method == "all" or (arguments.sparsity == 1 and arguments.granularity == "parameter"):
@@ -163,7 +171,9 @@ def choose_scope(
     elif method == "random":
         scores = random_scores(model, arguments.seed)
     else:
-        g_f = mean_gradient(model, task, forget, batch_size, progress, "forget gradient")
+        g_f = forget_gradient
+        if g_f is None:
+            g_f = mean_gradient(model, task, forget, batch_size, progress, "forget gradient")
         if method == "saliency":
             scores = saliency_scores(g_f)
         else:

@@ -25,6 +25,7 @@ from torch import nn
 from attribution.errors import InputError
 from attribution.task import Task, TokenScores, on_device, scored_batches
 from unlearn import objectives, stranger
+from unlearn.importance import mean_gradient
 
 
 @dataclass
@@ -72,6 +73,8 @@ class Method:
     default_beta: float | None = None  # β when the user gives none (None: β unused)
     prepare: Prepare | None = None  # state computed once before the first step
     needs_factors: bool = False
+    # ḡ_f of the scope: the gradient of this method's own forget term (None: the NLL's)
+    scope_gradient: Callable[..., dict[str, torch.Tensor]] | None = None
 
 
 def _ga(step: Step) -> torch.Tensor:
@@ -155,6 +158,23 @@ def _distill_state(model, task, forget, arguments, frozen) -> dict[str, Any]:
     return {"forget_examples": pairs}
 
 
+def _distill_gradient(model, task, forget, arguments, frozen, progress=None):
+    """ḡ_f = mean over student/teacher pairs of ∇θ KL(p_teacher ‖ p_θ) (the scope's forget
+    term for ``distill``: the direction the distillation itself will move)."""
+    pairs = _distill_state(model, task, forget, arguments, frozen)["forget_examples"]
+    device = next(model.parameters()).device
+
+    def loss(batch, first, last):
+        with torch.no_grad():
+            teachers = task.collate([p[stranger.TEACHER] for p in pairs[first:last]])
+            teacher = task.token_scores(frozen, on_device(teachers, device))
+        return stranger.distillation_kl(task.token_scores(model, batch), teacher).sum()
+
+    return mean_gradient(
+        model, task, pairs, arguments.batch_size, progress, "distillation gradient", loss
+    )
+
+
 def _rmu_state(model, task, forget, arguments, frozen) -> dict[str, Any]:
     """The steered block and its target c·u (c = rmu_scale × mean ‖h_l‖ on forget tokens)."""
     n_layers = getattr(model.config, "num_hidden_layers", None) or model.config.n_layer
@@ -236,6 +256,7 @@ METHODS: dict[str, Method] = {
             True,
             None,
             _distill_state,
+            scope_gradient=_distill_gradient,
         ),
     )
 }
