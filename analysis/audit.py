@@ -113,6 +113,7 @@ def audit(
     batch_size: int = 32,
     min_k: float = MIN_K,
     n_resamples: int = N_RESAMPLES,
+    fingerprints: Mapping[str, str] | None = None,
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """The ``excise-audit/1`` report of ``after`` (unlearned) against ``before`` (original).
@@ -122,7 +123,8 @@ def audit(
     (forget and retain required; neighbor, world, holdout optional) to records;
     ``reference`` is the model retrained without the forget set (forget quality and
     privleak need it); ``paths`` (role → folder) and ``split_hashes`` (split → sha256) are
-    recorded as given. ``seed`` drives the bootstrap and relearning.
+    recorded as given; ``fingerprints`` (role → fingerprint) spares hashing a model whose
+    fingerprint the caller has. ``seed`` drives the bootstrap and relearning.
     """
     splits = check_splits(splits)
     models = _check_models(before, after, reference)
@@ -133,7 +135,7 @@ def audit(
             "schema": SCHEMA,
             "excise_version": package_version(),
             "created_utc": utc_timestamp(),
-            "models": _models_section(models, paths or {}),
+            "models": _models_section(models, paths or {}, fingerprints or {}),
             "splits": {
                 s: {"n": len(r), "sha256": (split_hashes or {}).get(s)} for s, r in splits.items()
             },
@@ -254,14 +256,16 @@ def split_metrics(
 
 
 def _models_section(
-    models: Mapping[str, nn.Module], paths: Mapping[str, str | None]
+    models: Mapping[str, nn.Module],
+    paths: Mapping[str, str | None],
+    fingerprints: Mapping[str, str],
 ) -> dict[str, Any]:
     section: dict[str, Any] = {"reference": None}
     for role, model in models.items():
         path = paths.get(role)
         section[role] = {
             "path": None if path is None else str(path),
-            "fingerprint": model_fingerprint(model),
+            "fingerprint": fingerprints.get(role) or model_fingerprint(model),
         }
     return section
 

@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +38,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
+
+from attribution.artifacts import utc_timestamp
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -428,7 +429,7 @@ def machine_info(threads: int, peers: Sequence[str] = ("kronfluence",)) -> dict[
         "transformers": metadata.version("transformers"),
         **{peer: metadata.version(peer) for peer in peers},
         "excise": metadata.version("excise"),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "date": utc_timestamp(),
     }
 
 

@@ -41,7 +41,6 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attribution.artifacts import utc_timestamp
 from benchmarks.common import CACHE, results_folder, write_report
 from benchmarks.fidelity_methods import ENSEMBLES, METHODS, PEERS
 
@@ -401,7 +401,7 @@ def machine(threads: int) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "versions": versions,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "date": utc_timestamp(),
     }
 
 

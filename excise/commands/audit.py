@@ -91,6 +91,7 @@ def audit_models(
     relearn_lr: float = LEARNING_RATE,
     seed: int = 0,
     batch_size: int = 32,
+    fingerprints: Mapping[str, str] | None = None,
     progress: bool | None = None,
 ) -> tuple[dict[str, Any], ReportPaths | None]:
     """Audit in-memory models; with ``out``, write report.json/html/md into that folder.
@@ -114,6 +115,7 @@ def audit_models(
         relearn_lr=relearn_lr,
         seed=seed,
         batch_size=batch_size,
+        fingerprints=fingerprints,
         progress=progress,
     )
     written = write_report(report, out) if out is not None else None

@@ -154,6 +154,7 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
                 relearn_steps=args.relearn_steps,
                 relearn_lr=args.relearn_lr,
                 seed=args.seed,
+                fingerprints={"before": edit.fingerprint_before, "after": edit.fingerprint_after},
                 progress=progress,
             )
         summary = _summary(inputs, attribution, manifest, report, timings, args.seed, out)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from attribution.data import collate, encode_record, pad_token_id
+from attribution.progress import hidden
 from excise.world.settings import WorldSettings
 
 
@@ -58,7 +59,7 @@ def train_model(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total))
     generator = torch.Generator().manual_seed(seed)
     pad = pad_token_id(tokenizer)
-    bar = tqdm(total=total, desc=desc, disable=None if progress is None else not progress)
+    bar = tqdm(total=total, desc=desc, disable=hidden(progress))
     for _ in range(settings.epochs):
         order = torch.randperm(len(encoded), generator=generator).tolist()
         for start in range(0, len(order), settings.batch_size):

@@ -125,3 +125,33 @@ def test_a_task_without_a_tokenizer_still_audits(models, small):
     default = score_completions(base, LanguageModelingTask(tokenizer), small["retain"])
     assert custom != pytest.approx(default.probability.tolist(), abs=1e-6)
     assert report["relearning"]["available"]
+
+
+@pytest.mark.parametrize("method", ["gd", "npo"])
+def test_unlearning_runs_through_a_custom_task(models, tiny_world, method):
+    """scoped_edit with a task of its own: the loop measures and optimises what it scores."""
+    import copy
+
+    from unlearn import ScopeArguments, UnlearnArguments, measure, scoped_edit
+
+    (base, tokenizer), _ = models
+    forget, retain = read_split(tiny_world, "forget")[:8], read_split(tiny_world, "retain")[:16]
+    task = LastTargetsTask(tokenizer)
+    edited = copy.deepcopy(base)
+    edit = scoped_edit(
+        edited,
+        task,
+        forget,
+        retain,
+        ScopeArguments(method="random", sparsity=0.05),
+        UnlearnArguments(method=method, steps=6, lr=1e-2, eval_every=3, retain_budget=None),
+        frozen=base,
+        progress=False,
+    )
+    assert edit.proof["holds"]
+    start = edit.result.start
+    assert start.forget_loss == pytest.approx(measure(base, task, forget, 8), abs=1e-6)
+    default = measure(base, LanguageModelingTask(tokenizer), forget, 8)
+    assert start.forget_loss != pytest.approx(default, abs=1e-4)  # the custom task's targets
+    assert edit.result.end.forget_loss == pytest.approx(measure(edited, task, forget, 8), abs=1e-6)
+    assert edit.result.end.forget_loss > start.forget_loss
