@@ -22,6 +22,7 @@ from excise import __version__
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 LIBRARY_LOGGERS = ("excise", "attribution", "unlearn", "analysis")
 FORGET_DEFAULTS = {"method": "simnpo", "steps": 120}  # excise forget's (unlearn: npo, 60)
+FORGET_GUARD = 0  # guard-set size of excise forget (issue 13 measures what to default to)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -331,6 +332,13 @@ def _add_forget_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", help="output folder, must not exist (default: $EXCISE_HOME/runs/forget-TIME)"
     )
     parser.add_argument("--ledger", help="the ledger file (default: $EXCISE_HOME/ledger.sqlite)")
+    parser.add_argument(
+        "--guard",
+        type=int,
+        default=FORGET_GUARD,
+        help="add the N training examples outside the forget set that the edit is predicted "
+        f"to damage most (influence) to the retain set (default: {FORGET_GUARD})",
+    )
     # SimNPO in the ekfac scope: a small neighbour shift for its forgetting among the
     # default-argument runs of benchmarks/unlearning.py (see benchmarks/results/).
     _add_unlearn_arguments(parser, data=False, defaults=FORGET_DEFAULTS)
@@ -359,6 +367,10 @@ def _run_forget(args: argparse.Namespace) -> int:
         f"steps ({unlearning['stopped']}); {unlearning['out_of_scope_identical']}/"
         f"{unlearning['out_of_scope_tensors']} out-of-scope tensors bit-identical"
     )
+    guard = attribution["guard"]
+    if guard["n"]:
+        splits = ", ".join(f"{n} {name}" for name, n in sorted(guard["by_split"].items()))
+        print(f"guard: {guard['n']} training examples predicted to be damaged most ({splits})")
     rows = [(m, v) for m, v, _ in headline_rows(summary["report"])]
     width = max(len(m) for m, _ in rows)
     for measure, value in rows:

@@ -62,6 +62,7 @@ from excise.models import check_model_folder, choose_device
 from excise.outputs import check_new_output
 from excise.records import read_records
 from unlearn import check_sets
+from unlearn.guard import guard_indices
 from unlearn.proof import state_hashes
 
 KIND = "forget"
@@ -97,6 +98,8 @@ class ForgetInputs:
 def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Validate everything, run the five stages, record the request; returns the summary."""
     options = arguments_from(args)
+    if args.guard < 0:
+        raise BadInputError(f"--guard {args.guard}: must be >= 0 (training examples to guard)")
     inputs = resolve_inputs(args, note)
     options = with_strangers(options, inputs.records.get("holdout"))
     ledger = Ledger(args.ledger or default_ledger_path())
@@ -111,8 +114,16 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
         task = LanguageModelingTask(tokenizer)
         before = state_hashes(model)  # the original is hashed once, here
         with _timed(timings, "attribute", note):
-            factors, attribution = attribute(
-                model, task, inputs, folder / "attribution", options, factors, before, progress
+            factors, attribution, guard = attribute(
+                model,
+                task,
+                inputs,
+                folder / "attribution",
+                options,
+                factors,
+                before,
+                args.guard,
+                progress,
             )
         factor_path = args.factors or str(out / "attribution" / "factors")
         with _timed(timings, "scope + unlearn", note):
@@ -122,7 +133,7 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
                 edited,
                 task,
                 inputs.records["forget"],
-                inputs.records["retain"],
+                with_guard(inputs.records["retain"], guard),
                 options,
                 factors=factors,
                 reference=reference,
@@ -223,13 +234,16 @@ def attribute(
     options: EditOptions,
     factors: Factors | None = None,
     hashes: dict[str, str] | None = None,
+    guard: int = 0,
     progress: bool | None = None,
-) -> tuple[Factors, dict]:
+) -> tuple[Factors, dict, list[dict]]:
     """Factors on the training set (unless given); forget records' top-k proponents.
 
     The factor fit and the scores use the run's factor arguments (strategy, Fisher, seed)
-    and damping, the same that the scope and a Newton step use. Writes ``folder``/factors
-    (when fitted here), scores/, topk.jsonl and summary.md.
+    and damping, the same that the scope and a Newton step use. Returns the factors, the
+    summary and the guard set: the ``guard`` training examples outside the forget set with
+    the largest predicted damage (:mod:`unlearn.guard`). Writes ``folder``/factors (when
+    fitted here), scores/, topk.jsonl and summary.md.
     """
     train, forget = inputs.records["train"], inputs.records["forget"]
     fingerprint = fingerprint_of(hashes) if hashes is not None else None
@@ -263,7 +277,28 @@ def attribute(
     write_topk(
         folder, rows, RunDescription(str(inputs.model), _train_name(inputs), damping), factors
     )
-    return factors, attribution_summary(rows, forget, train, k)
+    summary = attribution_summary(rows, forget, train, k)
+    forget_ids = {r["id"] for r in forget}
+    exclude = {i for i, z in enumerate(train) if z["id"] in forget_ids}
+    guarded = [train[i] for i in guard_indices(scores.total, guard, exclude)] if guard else []
+    summary["guard"] = guard_summary(guarded, inputs)
+    return factors, summary, guarded
+
+
+def with_guard(retain: list[dict], guard: list[dict]) -> list[dict]:
+    """The retain set and, after it, the guard records it does not hold already (by id)."""
+    held = {r["id"] for r in retain}
+    return retain + [z for z in guard if z["id"] not in held]
+
+
+def guard_summary(guard: list[dict], inputs: ForgetInputs) -> dict[str, Any]:
+    """How many guard records there are, their ids, and how many come from each split."""
+    split_of = {r["id"]: name for name, records in inputs.splits.items() for r in records}
+    by_split: dict[str, int] = {}
+    for record in guard:
+        name = split_of.get(record["id"], "train")
+        by_split[name] = by_split.get(name, 0) + 1
+    return {"n": len(guard), "by_split": by_split, "ids": [r["id"] for r in guard]}
 
 
 def attribution_summary(rows: list[dict], forget: list[dict], train: list[dict], k: int) -> dict:

@@ -211,6 +211,7 @@ def test_default_out_is_under_excise_home(home, tmp_path, world_run, capsys):
         ("other_architecture", "differ"),
         ("ledger_not_sqlite", "ledger"),
         ("bad_sparsity", "sparsity"),
+        ("negative_guard", "--guard -1"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tiny_world, home, tmp_path, capsys, case, message):
@@ -238,6 +239,8 @@ def test_bad_input_exits_2_with_one_line(tiny_world, home, tmp_path, capsys, cas
         ledger.write_text("not a database\n")
     elif case == "bad_sparsity":
         extra = ["--sparsity", "2"]
+    elif case == "negative_guard":
+        extra = ["--guard", "-1"]
     capsys.readouterr()  # what building the inputs printed
     code = forget_cli(*data, *extra, "--out", str(out), "--ledger", str(ledger))
     assert code == 2
@@ -257,3 +260,31 @@ def _other_model(tiny_world, tmp_path):
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(tiny_world / "base").save_pretrained(folder)
     return folder
+
+
+def test_the_guard_set_comes_from_influence_and_joins_the_retain_set(
+    tiny_world, home, tmp_path, capsys
+):
+    """--guard N: the N training examples outside the forget set with the largest predicted
+    damage (column sums of the forget × train scores) are recorded and guarded."""
+    from safetensors import safe_open
+
+    from unlearn.guard import predicted_damage
+
+    out = tmp_path / "out"
+    code = forget_cli(
+        *("--size", "tiny", "--method", "distill", "--guard", "8", "--steps", "3"),
+        *("--relearn-steps", "0", "--out", str(out), "--ledger", str(tmp_path / "l.db")),
+    )
+    assert code == 0
+    guard = json.loads((out / "forget.json").read_text())["attribution"]["guard"]
+    with safe_open(out / "attribution" / "scores" / "pairwise.safetensors", "pt") as handle:
+        scores = handle.get_tensor("scores")
+        train_ids = json.loads(handle.metadata()["train_ids"])
+    forget_ids = {json.loads(line)["id"] for line in (tiny_world / "forget.jsonl").open()}
+    damage = predicted_damage(scores)
+    ranked = [train_ids[i] for i in damage.argsort(descending=True).tolist()]
+    expected = [i for i in ranked if i not in forget_ids][:8]
+    assert guard["ids"] == expected and guard["n"] == 8
+    assert sum(guard["by_split"].values()) == 8 and not forget_ids & set(guard["ids"])
+    assert "guard: 8 training examples" in capsys.readouterr().out

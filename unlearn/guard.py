@@ -1,0 +1,41 @@
+"""The guard set: training examples the edit would damage most, predicted by influence.
+
+Removing a forget set F moves the parameters, to first order, along its Newton direction
+Δθ = η P⁻¹ ḡ_F (P the damped curvature; :mod:`unlearn.newton`). The loss of a training
+example z then changes by
+
+    Δℓ(z) ≈ ∇ℓ(z)ᵀ Δθ = (η/|F|) Σ_{q∈F} ∇ℓ(q)ᵀ P⁻¹ ∇ℓ(z) = (η/|F|) Σ_{q∈F} score(q, z),
+
+a column sum of the pairwise influence scores that attribution computes with the forget
+records as queries. The examples outside F with the largest predicted rise are the
+collateral the edit should be kept from: added to the retain set (not replacing it),
+they are its guard.
+
+>>> import torch
+>>> scores = torch.tensor([[0.5, 2.0, -1.0, 3.0], [0.5, 1.0, -1.0, 3.0]])  # [forget, train]
+>>> predicted_damage(scores).tolist()
+[1.0, 3.0, -2.0, 6.0]
+>>> guard_indices(scores, n=2, exclude={3})  # example 3 is a forget record itself
+[1, 0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import torch
+
+
+def predicted_damage(scores: torch.Tensor) -> torch.Tensor:
+    """Σ over forget queries of score(q, z) per training example z (∝ its predicted loss
+    rise under the forget set's Newton step), from ``scores`` [n_forget, n_train]."""
+    return scores.double().sum(0)
+
+
+def guard_indices(scores: torch.Tensor, n: int, exclude: Collection[int] = ()) -> list[int]:
+    """The ``n`` training examples (not in ``exclude``) with the largest predicted damage,
+    most damaged first; only those predicted to be damaged at all (damage > 0)."""
+    damage = predicted_damage(scores)
+    order = torch.argsort(damage, descending=True, stable=True).tolist()
+    chosen = [i for i in order if i not in set(exclude) and damage[i] > 0]
+    return chosen[:n]
