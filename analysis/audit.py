@@ -34,8 +34,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from torch import nn
 
+from analysis.calibration import split_truth_ratios, stranger_null
 from analysis.membership import (
     MIN_K,
     answer_text,
@@ -143,6 +145,7 @@ def audit(
                 s: {r: roles[r].metrics[s] for r in roles} for s in METRIC_SPLITS if s in splits
             },
             "forget_quality": _forget_quality_section(roles),
+            "forget_quality_null": _null_section(before, task, splits, roles, seed, batch_size),
             "model_utility": {r: model_utility(roles[r].metrics) for r in roles},
             "membership": _membership_section(roles, splits, min_k),
             "shift": {
@@ -270,6 +273,37 @@ def _models_section(
     return section
 
 
+def _null_section(before, task, splits, roles, seed, batch_size) -> dict[str, Any]:
+    """The perfect-stranger null of D (:func:`analysis.calibration.stranger_null`): against
+    the reference's forget truth ratios, or, with no reference, the original's on holdout."""
+    if "holdout" not in splits:
+        return {"available": False, "reason": "no holdout split (the strangers' names)"}
+    after = roles["after"].metrics["forget"]["truth_ratio"]
+    if not after.get("per_example"):
+        return {"available": False, "reason": "no forget truth ratios"}
+    if "reference" in roles:
+        target, against = (
+            roles["reference"].metrics["forget"]["truth_ratio"]["per_example"],
+            "reference",
+        )
+    else:
+        reason = truth_ratio_fields_missing(splits["holdout"])
+        if reason is not None:
+            return {"available": False, "reason": f"holdout: {reason}"}
+        target, against = split_truth_ratios(before, task, splits["holdout"], batch_size), "holdout"
+    null = stranger_null(
+        before,
+        task,
+        splits["forget"],
+        splits["holdout"],
+        np.asarray(target, dtype=np.float64),
+        np.asarray(after["per_example"], dtype=np.float64),
+        seed=seed,
+        batch_size=batch_size,
+    )
+    return {**null, "target": against}
+
+
 def _forget_quality_section(roles: Mapping[str, _RoleResult]) -> dict[str, Any]:
     section = {}
     reference = roles.get("reference")
@@ -314,6 +348,7 @@ def headline(report: Mapping[str, Any]) -> dict[str, Any]:
     quality = report["forget_quality"]["after"]
     shift, parameters = report["shift"], report["parameters"]
     total = parameters["total_parameters"]
+    null = report.get("forget_quality_null") or {}
     return {
         "forget_quality": quality["p_value"] if quality["available"] else None,
         "forget_probability_before": forget["before"]["probability"]["value"],
@@ -330,6 +365,8 @@ def headline(report: Mapping[str, Any]) -> dict[str, Any]:
         "changed_parameters_fraction": parameters["changed_parameters"] / total if total else 0.0,
         "identical_tensors": parameters["identical_tensors"],
         "total_tensors": parameters["total_tensors"],
+        "forget_quality_d": null.get("after_d"),
+        "forget_quality_null_p90": null.get("p90"),
     }
 
 

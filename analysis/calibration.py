@@ -13,6 +13,11 @@ between the model's forget-split truth ratios and that target (lower: closer to 
 having learned). The unlearning loop takes it as a calibrated stop
 (:class:`unlearn.monitor.Criterion`) and ends where D was lowest.
 
+The same D is judged against its noise floor by :func:`stranger_null`: the original model
+answering the forget questions about "perfect strangers" (each subject's full name replaced
+by a random holdout person's) lands at some D from the target by chance alone; an unlearned
+model within that null's 90th percentile is as close to "never learned" as a stranger is.
+
 >>> match = TruthRatioMatch(None, [], np.array([0.2, 0.4]), "demo")
 >>> match.distance(np.array([0.2, 0.4]))
 0.0
@@ -28,6 +33,7 @@ import numpy as np
 from scipy.stats import ks_2samp
 
 from analysis.truth import answer_log_probs, truth_ratio_fields_missing, truth_ratios
+from attribution.data import subject_pool, substitute_subject
 from attribution.errors import InputError
 from attribution.task import Task
 
@@ -74,3 +80,67 @@ class TruthRatioMatch:
         """Target: the reference (retrained without the forget set) on the forget split."""
         target = split_truth_ratios(reference, task, forget)
         return cls(task, forget, target, "KS D of forget truth ratios vs the reference")
+
+
+NULL_DRAWS = 20  # perfect-stranger draws of the gate's null distribution
+
+
+def stranger_null(
+    original: Any,
+    task: Task,
+    forget: Sequence[Mapping[str, Any]],
+    holdout: Sequence[Mapping[str, Any]],
+    target: np.ndarray,
+    after_ratios: np.ndarray,
+    *,
+    draws: int = NULL_DRAWS,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """The perfect-stranger null of D and where the unlearned model falls in it.
+
+    Each draw gives every forget subject a random holdout subject's full name (a different
+    name per subject, in every text field), scores the **original** model's truth ratios on
+    those records and takes D against ``target``. Returns the draws' D, their median and
+    90th percentile, the unlearned model's D (``after_ratios`` against ``target``), the
+    fraction of null draws at or below it, and whether it is within the 90th percentile.
+    Unavailable (with a reason) when records name no subject or the pool is too small.
+    """
+    subjects, names = subject_pool(forget), subject_pool(holdout)
+    names = [n for n in names if n not in set(subjects)]
+    if not subjects or len(names) < len(subjects):
+        return {
+            "available": False,
+            "reason": "the forget records name no subject"
+            if not subjects
+            else f"{len(names)} holdout subjects for {len(subjects)} forget subjects",
+        }
+    rng = np.random.default_rng(seed)
+    null = []
+    for _ in range(draws):
+        chosen = rng.choice(len(names), size=len(subjects), replace=False)
+        swap = {s: names[i] for s, i in zip(subjects, chosen, strict=True)}
+        records = [
+            substitute_subject(r, r["subject"], swap[r["subject"]])
+            if r.get("subject") in swap
+            else dict(r)
+            for r in forget
+        ]
+        null.append(
+            float(
+                ks_2samp(split_truth_ratios(original, task, records, batch_size), target).statistic
+            )
+        )
+    null = np.asarray(null)
+    after = float(ks_2samp(after_ratios, target).statistic)
+    p90 = float(np.quantile(null, 0.9))
+    return {
+        "available": True,
+        "draws": draws,
+        "d": null.tolist(),
+        "median": float(np.median(null)),
+        "p90": p90,
+        "after_d": after,
+        "after_percentile": float(np.mean(null <= after)),
+        "within_p90": after <= p90,
+    }

@@ -211,6 +211,7 @@ def headline_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     ref_mu = _get(report, "model_utility", "reference", "value")
     rows = [
         ("forget quality (KS p-value, after vs reference)", *fq),
+        _null_row(report),
         (
             "forget probability, before → after",
             f"{_fmt(head.get('forget_probability_before'))} → "
@@ -238,6 +239,23 @@ def headline_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         ),
     ]
     return rows
+
+
+def _null_row(report: Mapping[str, Any]) -> tuple[str, str, str]:
+    """D of the unlearned model against the perfect-stranger null (the gate's noise floor)."""
+    label = "forget gate: KS D vs the perfect-stranger null"
+    null = _mapping(report.get("forget_quality_null"))
+    if not null.get("available"):
+        return label, "n/a", f"not available: {_reason(null, 'no holdout split')}"
+    verdict = "within" if null.get("within_p90") else "outside"
+    return (
+        label,
+        f"D = {_fmt(null.get('after_d'))} ({verdict} the null's 90th percentile)",
+        f"null over {_fmt(null.get('draws'))} draws of the original model with holdout names "
+        f"swapped in, against the {null.get('target')}: median {_fmt(null.get('median'))}, "
+        f"90th percentile {_fmt(null.get('p90'))}; its D is at or above "
+        f"{_fmt_pct(null.get('after_percentile'))} of the draws",
+    )
 
 
 def _shift_row(report: Mapping[str, Any], split: str, label: str) -> tuple[str, str, str]:

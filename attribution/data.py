@@ -95,3 +95,45 @@ def _first_target_token(tokenizer: Any, enc: Mapping[str, Any], prompt: str) -> 
         return len(enc["input_ids"])
     prompt_ids = tokenizer(prompt)["input_ids"]  # slow tokenizers: the prompt is a prefix
     return len(prompt_ids)
+
+
+SUBJECT_FIELDS = (  # the text fields of a record in which its subject may be named
+    "prompt",
+    "completion",
+    "text",
+    "paraphrased_prompt",
+    "paraphrased_completion",
+    "perturbed_completions",
+)
+
+
+def subject_pool(records: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    """The distinct ``subject`` names of ``records``, in first-seen order.
+
+    >>> subject_pool([{"subject": "Ann Lee"}, {"subject": "Bo Kim"}, {"subject": "Ann Lee"}])
+    ('Ann Lee', 'Bo Kim')
+    """
+    seen: dict[str, None] = {}
+    for record in records:
+        name = record.get("subject")
+        if isinstance(name, str) and name.strip():
+            seen.setdefault(name.strip(), None)
+    return tuple(seen)
+
+
+def substitute_subject(record: Mapping[str, Any], subject: str, name: str) -> dict[str, Any]:
+    """``record`` with ``subject`` replaced by ``name`` in every text field (others kept).
+
+    >>> substitute_subject({"prompt": "Who is Ann Lee?", "subject": "Ann Lee"}, "Ann Lee", "Bo")
+    {'prompt': 'Who is Bo?', 'subject': 'Bo'}
+    """
+    out = dict(record)
+    for key in SUBJECT_FIELDS:
+        value = out.get(key)
+        if isinstance(value, str):
+            out[key] = value.replace(subject, name)
+        elif isinstance(value, list):
+            out[key] = [v.replace(subject, name) if isinstance(v, str) else v for v in value]
+    if out.get("subject") == subject:
+        out["subject"] = name
+    return out

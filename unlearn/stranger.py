@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from attribution.data import subject_pool, substitute_subject
 from attribution.errors import InputError
 from attribution.task import Task
 
@@ -40,23 +41,10 @@ TEACHER = "_teacher"  # the key under which a student record carries its teacher
 TEXT_FIELDS = ("prompt", "completion", "text")
 
 
-def subject_pool(records: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
-    """The distinct ``subject`` names of ``records``, in first-seen order."""
-    seen: dict[str, None] = {}
-    for record in records:
-        name = record.get("subject")
-        if isinstance(name, str) and name.strip():
-            seen.setdefault(name.strip(), None)
-    return tuple(seen)
-
-
 def substitute(record: Mapping[str, Any], subject: str, stranger: str) -> dict[str, Any]:
-    """``record`` with every occurrence of ``subject`` in its text replaced by ``stranger``."""
-    out = {k: v for k, v in record.items() if k in TEXT_FIELDS}
-    for key in TEXT_FIELDS:
-        if key in out:
-            out[key] = out[key].replace(subject, stranger)
-    return out
+    """The text of ``record`` (prompt/completion or text) with ``subject`` → ``stranger``."""
+    own = {k: v for k, v in record.items() if k in TEXT_FIELDS}
+    return substitute_subject(own, subject, stranger)
 
 
 def student_records(record: Mapping[str, Any]) -> list[dict[str, Any]]:

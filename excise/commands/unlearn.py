@@ -31,6 +31,7 @@ from attribution.artifacts import (
     write_json,
 )
 from attribution.curvature import Damping
+from attribution.data import subject_pool
 from excise.errors import BadInputError
 from excise.models import (
     check_model_folder,
@@ -50,7 +51,6 @@ from unlearn import (
     measure,
     scoped_edit,
 )
-from unlearn.stranger import subject_pool
 
 KIND = "unlearning"
 MANIFEST_SCHEMA = "excise-unlearn/1"

@@ -74,6 +74,7 @@ def sample_report(
         "shift": shift,
         "parameters": parameters,
         "relearning": _relearning() if relearning else _no_relearning(nasty),
+        "forget_quality_null": _null(rng, reference, holdout),
     }
     report["headline"] = _headline(report)
     return report
@@ -300,6 +301,24 @@ def _no_relearning(nasty: str | None) -> dict:
     }
 
 
+def _null(rng: np.random.Generator, reference: bool, holdout: bool) -> dict:
+    """The perfect-stranger null of D (analysis.calibration.stranger_null's schema)."""
+    if not holdout:
+        return {"available": False, "reason": "no holdout split (the strangers' names)"}
+    d = sorted(float(x) for x in rng.uniform(0.1, 0.35, 20))
+    return {
+        "available": True,
+        "draws": 20,
+        "d": d,
+        "median": float(np.median(d)),
+        "p90": float(np.quantile(d, 0.9)),
+        "after_d": 0.3,
+        "after_percentile": float(np.mean(np.asarray(d) <= 0.3)),
+        "within_p90": float(np.quantile(d, 0.9)) >= 0.3,
+        "target": "reference" if reference else "holdout",
+    }
+
+
 def _headline(report: dict) -> dict:
     forget, params = report["metrics"]["forget"], report["parameters"]
     reference = forget.get("reference")
@@ -318,6 +337,8 @@ def _headline(report: dict) -> dict:
         "changed_parameters_fraction": params["changed_parameters"] / params["total_parameters"],
         "identical_tensors": params["identical_tensors"],
         "total_tensors": params["total_tensors"],
+        "forget_quality_d": report["forget_quality_null"].get("after_d"),
+        "forget_quality_null_p90": report["forget_quality_null"].get("p90"),
     }
 
 

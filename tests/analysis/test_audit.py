@@ -26,6 +26,7 @@ from tests.attribution.models import tiny_llama
 TOP = {
     "schema", "excise_version", "created_utc", "models", "splits", "metrics", "forget_quality",
     "model_utility", "membership", "shift", "parameters", "relearning", "headline",
+    "forget_quality_null",
 }  # fmt: skip
 METRICS = {
     "probability", "rouge_l_recall", "truth_ratio", "exact_memorization", "extraction_strength",
@@ -34,7 +35,7 @@ HEADLINE = {
     "forget_quality", "forget_probability_before", "forget_probability_after",
     "forget_probability_reference", "model_utility_before", "model_utility_after",
     "neighbor_log_prob_change", "retain_log_prob_change", "changed_parameters_fraction",
-    "identical_tensors", "total_tensors",
+    "identical_tensors", "total_tensors", "forget_quality_d", "forget_quality_null_p90",
 }  # fmt: skip
 
 
@@ -99,6 +100,11 @@ def test_base_against_reference(full):
     assert quality["before"]["available"] and quality["before"]["p_value"] < 1e-3
     assert quality["after"]["p_value"] == 1.0 and quality["after"]["ks_statistic"] == 0.0
     assert full["headline"]["forget_quality"] == 1.0
+    null = full["forget_quality_null"]  # "after" is the reference itself: D = 0
+    assert null["available"] and null["target"] == "reference" and len(null["d"]) == 20
+    assert null["after_d"] == 0.0 and null["within_p90"] and null["after_percentile"] <= 1.0
+    assert 0 < null["median"] <= null["p90"] <= 1  # strangers are not the reference
+    assert full["headline"]["forget_quality_d"] == 0.0
     head = full["headline"]
     assert head["forget_probability_before"] > 0.9 > 0.5 > head["forget_probability_after"]
     assert head["forget_probability_reference"] == head["forget_probability_after"]
