@@ -51,14 +51,17 @@ def add_options(
             continue
         default = defaults.get(f.name, _default(f))
         help_text = f.metadata.get("help", "")
-        shown = "none" if default is None else default
+        if "default" not in help_text:  # the help may say it better (e.g. per method)
+            shown = "none" if default is None else default
+            help_text = f"{help_text} (default: {shown})".strip()
         parser.add_argument(
             names.get(f.name, "--" + f.name.replace("_", "-")),
             dest=f"{prefix}.{f.name}",
+            metavar=None if f.metadata.get("choices") else f.name.upper(),
             type=kind,
             default=default,
             choices=f.metadata.get("choices"),
-            help=f"{help_text} (default: {shown})" if help_text else f"(default: {shown})",
+            help=help_text,
         )
 
 
