@@ -339,6 +339,12 @@ def _add_forget_arguments(parser: argparse.ArgumentParser) -> None:
         help="add the N training examples outside the forget set that the edit is predicted "
         f"to damage most (influence) to the retain set (default: {FORGET_GUARD})",
     )
+    parser.add_argument(
+        "--expand",
+        action="store_true",
+        help="also forget the closure: training examples that support a forget record's "
+        "answer as strongly as the record itself (near-duplicates, paraphrases)",
+    )
     # SimNPO in the ekfac scope: a small neighbour shift for its forgetting among the
     # default-argument runs of benchmarks/unlearning.py (see benchmarks/results/).
     _add_unlearn_arguments(parser, data=False, defaults=FORGET_DEFAULTS)
@@ -371,6 +377,10 @@ def _run_forget(args: argparse.Namespace) -> int:
     if guard["n"]:
         splits = ", ".join(f"{n} {name}" for name, n in sorted(guard["by_split"].items()))
         print(f"guard: {guard['n']} training examples predicted to be damaged most ({splits})")
+    closure = attribution["closure"]
+    if closure.get("n"):
+        verb = "added to the forget set" if summary["expanded"] else "reported (--expand adds them)"
+        print(f"closure: {closure['n']} training examples carry the forget set's facts; {verb}")
     rows = [(m, v) for m, v, _ in headline_rows(summary["report"])]
     width = max(len(m) for m, _ in rows)
     for measure, value in rows:

@@ -1,4 +1,6 @@
-"""The guard set: training examples the edit would damage most, predicted by influence.
+"""What attribution chooses for the edit: the guard set, and the forget set's closure.
+
+**The guard set**: training examples the edit would damage most, predicted by influence.
 
 Removing a forget set F moves the parameters, to first order, along its Newton direction
 Δθ = η P⁻¹ ḡ_F (P the damped curvature; :mod:`unlearn.newton`). The loss of a training
@@ -11,17 +13,24 @@ records as queries. The examples outside F with the largest predicted rise are t
 collateral the edit should be kept from: added to the retain set (not replacing it),
 they are its guard.
 
+**The closure**: training examples outside F that carry F's facts (near-duplicates,
+paraphrases). A forget record q is its own strongest proponent, score(q, q); any other
+training example z with score(q, z) ≥ score(q, q) supports q's answer as strongly as q
+does, and forgetting q while keeping z would leave the fact learnable from z.
+
 >>> import torch
 >>> scores = torch.tensor([[0.5, 2.0, -1.0, 3.0], [0.5, 1.0, -1.0, 3.0]])  # [forget, train]
 >>> predicted_damage(scores).tolist()
 [1.0, 3.0, -2.0, 6.0]
 >>> guard_indices(scores, n=2, exclude={3})  # example 3 is a forget record itself
 [1, 0]
+>>> closure_indices(torch.tensor([[2.0, 0.5, 2.5], [1.0, 3.0, 0.1]]), [0, 1])  # q0, q1 at 0, 1
+[2]
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -39,3 +48,15 @@ def guard_indices(scores: torch.Tensor, n: int, exclude: Collection[int] = ()) -
     order = torch.argsort(damage, descending=True, stable=True).tolist()
     chosen = [i for i in order if i not in set(exclude) and damage[i] > 0]
     return chosen[:n]
+
+
+def closure_indices(scores: torch.Tensor, own: Sequence[int]) -> list[int]:
+    """Training examples (not forget records) that some forget query's score ranks at or
+    above that query's own record: ``scores`` [n_forget, n_train], ``own[q]`` the training
+    position of forget query q. Sorted by position."""
+    if len(own) != scores.shape[0]:
+        raise ValueError(f"{scores.shape[0]} forget queries, {len(own)} positions of their own")
+    own_scores = scores[torch.arange(scores.shape[0]), torch.as_tensor(list(own))]  # [n_forget]
+    strong = (scores >= own_scores[:, None]).any(0)  # [n_train]
+    strong[list(own)] = False
+    return torch.nonzero(strong).flatten().tolist()

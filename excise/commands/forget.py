@@ -62,7 +62,7 @@ from excise.models import check_model_folder, choose_device
 from excise.outputs import check_new_output
 from excise.records import read_records
 from unlearn import check_sets
-from unlearn.guard import guard_indices
+from unlearn.guard import closure_indices, guard_indices
 from unlearn.proof import state_hashes
 
 KIND = "forget"
@@ -101,6 +101,13 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
     if args.guard < 0:
         raise BadInputError(f"--guard {args.guard}: must be >= 0 (training examples to guard)")
     inputs = resolve_inputs(args, note)
+    train_ids = {z["id"] for z in inputs.records["train"]}
+    missing = [r["id"] for r in inputs.records["forget"] if r["id"] not in train_ids]
+    if args.expand and missing:
+        raise BadInputError(
+            f"--expand needs every forget record in the training set (--train); {len(missing)} "
+            f"are not, e.g. {missing[0]!r}"
+        )
     options = with_strangers(options, inputs.records.get("holdout"))
     ledger = Ledger(args.ledger or default_ledger_path())
     out = check_new_output(args.out or _default_out(), _input_paths(inputs))
@@ -114,7 +121,7 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
         task = LanguageModelingTask(tokenizer)
         before = state_hashes(model)  # the original is hashed once, here
         with _timed(timings, "attribute", note):
-            factors, attribution, guard = attribute(
+            factors, attribution, chosen = attribute(
                 model,
                 task,
                 inputs,
@@ -125,6 +132,7 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
                 args.guard,
                 progress,
             )
+        forget, retain = edit_sets(inputs, chosen, expand=args.expand)
         factor_path = args.factors or str(out / "attribution" / "factors")
         with _timed(timings, "scope + unlearn", note):
             edited = copy.deepcopy(model)  # the original stays as the frozen reference
@@ -132,8 +140,8 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
             edit = edit_model(
                 edited,
                 task,
-                inputs.records["forget"],
-                with_guard(inputs.records["retain"], guard),
+                forget,
+                retain,
                 options,
                 factors=factors,
                 reference=reference,
@@ -148,7 +156,11 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
                 edited,
                 tokenizer,
                 edit,
-                _unlearn_inputs(inputs, edit.fingerprint_before, factor_path),
+                {
+                    **_unlearn_inputs(inputs, edit.fingerprint_before, factor_path),
+                    "expanded_with": attribution["closure"].get("ids") if args.expand else None,
+                    "guard": attribution["guard"]["ids"],
+                },
                 args.seed,
                 started,
             )
@@ -169,6 +181,7 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
                 progress=progress,
             )
         summary = _summary(inputs, attribution, manifest, report, timings, args.seed, out)
+        summary["expanded"] = bool(args.expand)
         write_json(folder / "forget.json", summary)
     with _timed(timings, "record", note):
         entry = ledger.record(_ledger_entry(manifest, report, inputs, out))
@@ -278,11 +291,31 @@ def attribute(
         folder, rows, RunDescription(str(inputs.model), _train_name(inputs), damping), factors
     )
     summary = attribution_summary(rows, forget, train, k)
-    forget_ids = {r["id"] for r in forget}
-    exclude = {i for i, z in enumerate(train) if z["id"] in forget_ids}
+    position = {z["id"]: i for i, z in enumerate(train)}
+    own = [position.get(r["id"]) for r in forget]
+    exclude = {i for i in own if i is not None}
     guarded = [train[i] for i in guard_indices(scores.total, guard, exclude)] if guard else []
-    summary["guard"] = guard_summary(guarded, inputs)
-    return factors, summary, guarded
+    closure = None if None in own else [train[i] for i in closure_indices(scores.total, own)]
+    summary["guard"] = records_summary(guarded, inputs)
+    summary["closure"] = (
+        records_summary(closure, inputs)
+        if closure is not None
+        else {"n": None, "reason": "the forget records are not all in the training set"}
+    )
+    return factors, summary, {"guard": guarded, "closure": closure}
+
+
+def edit_sets(
+    inputs: ForgetInputs, chosen: dict[str, list[dict] | None], expand: bool
+) -> tuple[list[dict], list[dict]]:
+    """The forget and retain sets of the edit: the retain set and the guard after it; with
+    ``expand``, the forget set and its closure (taken out of the retain set and guard)."""
+    forget, retain = inputs.records["forget"], with_guard(inputs.records["retain"], chosen["guard"])
+    if not expand:
+        return forget, retain
+    closure = chosen["closure"] or []  # run() refused --expand without them
+    moved = {r["id"] for r in closure}
+    return forget + closure, [r for r in retain if r["id"] not in moved]
 
 
 def with_guard(retain: list[dict], guard: list[dict]) -> list[dict]:
@@ -291,8 +324,8 @@ def with_guard(retain: list[dict], guard: list[dict]) -> list[dict]:
     return retain + [z for z in guard if z["id"] not in held]
 
 
-def guard_summary(guard: list[dict], inputs: ForgetInputs) -> dict[str, Any]:
-    """How many guard records there are, their ids, and how many come from each split."""
+def records_summary(guard: list[dict], inputs: ForgetInputs) -> dict[str, Any]:
+    """How many records a choice holds, their ids, and how many come from each split."""
     split_of = {r["id"]: name for name, records in inputs.splits.items() for r in records}
     by_split: dict[str, int] = {}
     for record in guard:

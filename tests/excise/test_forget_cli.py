@@ -212,6 +212,7 @@ def test_default_out_is_under_excise_home(home, tmp_path, world_run, capsys):
         ("ledger_not_sqlite", "ledger"),
         ("bad_sparsity", "sparsity"),
         ("negative_guard", "--guard -1"),
+        ("expand_without_forget_in_train", "--expand needs every forget record"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tiny_world, home, tmp_path, capsys, case, message):
@@ -241,6 +242,8 @@ def test_bad_input_exits_2_with_one_line(tiny_world, home, tmp_path, capsys, cas
         extra = ["--sparsity", "2"]
     elif case == "negative_guard":
         extra = ["--guard", "-1"]
+    elif case == "expand_without_forget_in_train":
+        extra = ["--expand", "--train", str(tiny_world / "retain.jsonl")]
     capsys.readouterr()  # what building the inputs printed
     code = forget_cli(*data, *extra, "--out", str(out), "--ledger", str(ledger))
     assert code == 2
@@ -273,7 +276,7 @@ def test_the_guard_set_comes_from_influence_and_joins_the_retain_set(
 
     out = tmp_path / "out"
     code = forget_cli(
-        *("--size", "tiny", "--method", "distill", "--guard", "8", "--steps", "3"),
+        *("--size", "tiny", "--method", "distill", "--guard", "8", "--steps", "3", "--expand"),
         *("--relearn-steps", "0", "--out", str(out), "--ledger", str(tmp_path / "l.db")),
     )
     assert code == 0
@@ -288,3 +291,14 @@ def test_the_guard_set_comes_from_influence_and_joins_the_retain_set(
     assert guard["ids"] == expected and guard["n"] == 8
     assert sum(guard["by_split"].values()) == 8 and not forget_ids & set(guard["ids"])
     assert "guard: 8 training examples" in capsys.readouterr().out
+    # the closure: non-forget examples a forget query ranks at or above its own record
+    summary = json.loads((out / "forget.json").read_text())
+    queries = [json.loads(line)["query_id"] for line in (out / "attribution" / "topk.jsonl").open()]
+    own = [train_ids.index(q) for q in queries]
+    self_scores = scores[range(len(own)), own]
+    strong = {train_ids[j] for j in range(len(train_ids)) if (scores[:, j] >= self_scores).any()}
+    closure = summary["attribution"]["closure"]
+    assert set(closure["ids"]) == strong - forget_ids and summary["expanded"]
+    manifest = json.loads((out / "unlearn" / "manifest.json").read_text())
+    assert manifest["inputs"]["expanded_with"] == closure["ids"]
+    assert manifest["inputs"]["guard"] == guard["ids"]
