@@ -422,7 +422,26 @@ def _shift_section(report: Mapping[str, Any]) -> str:
     ]
     for split, entry in _ordered(shift, SHIFT_ORDER):
         parts.append(_most_shifted(split, _get(entry, "most_shifted"), split == "neighbor"))
+    parts += _foresight(report.get("foresight"))
     return _section_body("shift", title, parts)
+
+
+def _foresight(section: Any) -> list[str]:
+    """How well influence foresaw the collateral (``excise forget`` adds it), per split."""
+    if not isinstance(section, Mapping) or not section:
+        return []
+    rows = [
+        [split, _get(entry, "n"), _get(entry, "spearman"), _text(_get(entry, "reason") or "")]
+        for split, entry in _ordered(section, SHIFT_ORDER)
+    ]
+    header = ["split", "n in training set", "Spearman ρ (predicted damage, observed loss rise)", ""]
+    return [
+        "<h3>Influence foresight</h3>",
+        "<p>Predicted damage: the record's loss change under the forget set's Newton step "
+        "(column sums of the forget × train influence scores); observed: −Δ log p of its "
+        "answer after the edit.</p>",
+        _table(header, rows),
+    ]
 
 
 def _most_shifted(split: str, examples: Any, open_: bool) -> str:

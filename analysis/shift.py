@@ -214,3 +214,29 @@ def check_same_tensors(
                 f"parameter {name} has shape {tuple(tensor.shape)} in the first model and "
                 f"{tuple(after[name].shape)} in the second; compare the same architecture"
             )
+
+
+def foresight(
+    predicted: Mapping[str, float],
+    records: Sequence[Mapping[str, Any]],
+    shift: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Spearman ρ between each record's predicted damage (by id, e.g. from influence) and
+    its observed loss rise −Δ log p (``shift``: the audit's entry for these records).
+
+    >>> shift = {"log_prob_change": {"per_example": [-3.0, -1.0, 0.0]}}
+    >>> foresight({"a": 2.0, "b": 1.0, "c": 0.5}, [{"id": "a"}, {"id": "b"}, {"id": "c"}], shift)
+    {'n': 3, 'spearman': 1.0}
+    """
+    from scipy.stats import spearmanr
+
+    changes = shift["log_prob_change"]["per_example"]
+    pairs = [
+        (predicted[str(r.get("id"))], -change)
+        for r, change in zip(records, changes, strict=True)
+        if str(r.get("id")) in predicted
+    ]
+    if len(pairs) < 3:
+        return {"n": len(pairs), "spearman": None, "reason": "fewer than 3 records in training"}
+    rho = spearmanr([p for p, _ in pairs], [o for _, o in pairs]).statistic
+    return {"n": len(pairs), "spearman": None if np.isnan(rho) else float(rho)}

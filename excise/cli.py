@@ -381,6 +381,10 @@ def _run_forget(args: argparse.Namespace) -> int:
     if closure.get("n"):
         verb = "added to the forget set" if summary["expanded"] else "reported (--expand adds them)"
         print(f"closure: {closure['n']} training examples carry the forget set's facts; {verb}")
+    seen = {s: f["spearman"] for s, f in summary["report"]["foresight"].items() if f["spearman"]}
+    if seen:
+        rho = ", ".join(f"{split} {value:.2f}" for split, value in seen.items())
+        print(f"influence foresight (Spearman ρ, predicted damage vs observed loss rise): {rho}")
     rows = [(m, v) for m, v, _ in headline_rows(summary["report"])]
     width = max(len(m) for m, _ in rows)
     for measure, value in rows:

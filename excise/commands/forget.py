@@ -36,6 +36,8 @@ from typing import Any
 
 from analysis.audit import check_splits
 from analysis.ledger import Ledger, LedgerEntry
+from analysis.report import write_report
+from analysis.shift import foresight
 from attribution import Factors, LanguageModelingTask, fit_factors
 from attribution.artifacts import (
     atomic_directory,
@@ -62,7 +64,7 @@ from excise.models import check_model_folder, choose_device
 from excise.outputs import check_new_output
 from excise.records import read_records
 from unlearn import check_sets
-from unlearn.guard import closure_indices, guard_indices
+from unlearn.guard import closure_indices, guard_indices, predicted_damage
 from unlearn.proof import state_hashes
 
 KIND = "forget"
@@ -171,7 +173,6 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
                 tokenizer,
                 inputs.splits,
                 reference,
-                out=folder,
                 paths=_audit_paths(inputs, out),
                 split_hashes={s: inputs.hashes[s] for s in inputs.splits},
                 relearn_steps=args.relearn_steps,
@@ -180,6 +181,8 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
                 fingerprints={"before": edit.fingerprint_before, "after": edit.fingerprint_after},
                 progress=progress,
             )
+            report["foresight"] = influence_foresight(chosen["damage"], inputs, report)
+            write_report(report, folder)
         summary = _summary(inputs, attribution, manifest, report, timings, args.seed, out)
         summary["expanded"] = bool(args.expand)
         write_json(folder / "forget.json", summary)
@@ -302,7 +305,22 @@ def attribute(
         if closure is not None
         else {"n": None, "reason": "the forget records are not all in the training set"}
     )
-    return factors, summary, {"guard": guarded, "closure": closure}
+    damage = dict(
+        zip((z["id"] for z in train), predicted_damage(scores.total).tolist(), strict=True)
+    )
+    return factors, summary, {"guard": guarded, "closure": closure, "damage": damage}
+
+
+def influence_foresight(
+    damage: dict[str, float], inputs: ForgetInputs, report: dict[str, Any]
+) -> dict[str, Any]:
+    """Per split out of the forget set, how well the predicted damage ranked the records'
+    observed loss rise (:func:`analysis.shift.foresight`)."""
+    return {
+        split: foresight(damage, inputs.splits[split], entry)
+        for split, entry in report["shift"].items()
+        if split != "forget"
+    }
 
 
 def edit_sets(

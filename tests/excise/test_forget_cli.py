@@ -71,6 +71,13 @@ def test_the_world_run_writes_every_stage(world_run):
     assert set(report["shift"]) >= {"neighbor", "retain", "world"}
     head = report["headline"]
     assert head["forget_probability_after"] < head["forget_probability_before"]
+    # influence foresight: every split out of the forget set, ranked against the shift
+    foresight = report["foresight"]
+    assert set(foresight) == set(report["shift"]) - {"forget"}
+    for split, entry in foresight.items():
+        assert entry["n"] == len(report["shift"][split]["log_prob_change"]["per_example"])
+        assert -1 <= entry["spearman"] <= 1
+    assert "Influence foresight" in (out / "report.html").read_text()
 
 
 def test_the_unlearned_model_moves_toward_the_reference(world_run):
