@@ -76,13 +76,26 @@ def measure_world(folder: Path, seeds: list[int], steps: int, guard: int) -> dic
     forget_ids = {r["id"] for r in splits["forget"]}
     outside = [i for i, z in enumerate(train) if z["id"] not in forget_ids]
     guards = {"influence": guard_indices(scores, guard, set(range(len(train))) - set(outside))}
+    holdout_match = TruthRatioMatch.to_holdout(base, task, splits["forget"], splits["holdout"])
     rows = []
     for seed in seeds:
         guards["random"] = random.Random(seed).sample(outside, len(guards["influence"]))
         for config in CONFIGS:
             chosen = guards[GUARD_OF[config]] if config in GUARD_OF else []
             rows.append(
-                _run(config, seed, base, task, splits, train, chosen, target, factors, steps)
+                _run(
+                    config,
+                    seed,
+                    base,
+                    task,
+                    splits,
+                    train,
+                    chosen,
+                    target,
+                    factors,
+                    steps,
+                    holdout_match,
+                )
             )
     return {
         "world": folder.name,
@@ -93,14 +106,14 @@ def measure_world(folder: Path, seeds: list[int], steps: int, guard: int) -> dic
     }
 
 
-def _run(config, seed, base, task, splits, train, chosen, target, factors, steps) -> dict:
+def _run(config, seed, base, task, splits, train, chosen, target, factors, steps, match) -> dict:
     held = {r["id"] for r in splits["retain"]}
     added = [train[i] for i in chosen if train[i]["id"] not in held]
     model, started = copy.deepcopy(base), time.perf_counter()
     if config == "simnpo":
         arguments, criterion = UnlearnArguments(method="simnpo", steps=120, seed=seed), None
     else:
-        criterion = TruthRatioMatch.to_holdout(base, task, splits["forget"], splits["holdout"])
+        criterion = match  # the original's holdout truth ratios, computed once per world
         arguments = UnlearnArguments(
             method="distill", lr=1e-2, steps=steps, eval_every=10, retain_budget=None,
             stop="calibrated", strangers=subject_pool(splits["holdout"]), seed=seed,

@@ -342,14 +342,14 @@ def with_guard(retain: list[dict], guard: list[dict]) -> list[dict]:
     return retain + [z for z in guard if z["id"] not in held]
 
 
-def records_summary(guard: list[dict], inputs: ForgetInputs) -> dict[str, Any]:
+def records_summary(records: list[dict], inputs: ForgetInputs) -> dict[str, Any]:
     """How many records a choice holds, their ids, and how many come from each split."""
-    split_of = {r["id"]: name for name, records in inputs.splits.items() for r in records}
+    split_of = {r["id"]: name for name, split in inputs.splits.items() for r in split}
     by_split: dict[str, int] = {}
-    for record in guard:
+    for record in records:
         name = split_of.get(record["id"], "train")
         by_split[name] = by_split.get(name, 0) + 1
-    return {"n": len(guard), "by_split": by_split, "ids": [r["id"] for r in guard]}
+    return {"n": len(records), "by_split": by_split, "ids": [r["id"] for r in records]}
 
 
 def attribution_summary(rows: list[dict], forget: list[dict], train: list[dict], k: int) -> dict:
