@@ -28,6 +28,7 @@ import copy
 import random
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,54 @@ from benchmarks.common import machine_info, results_folder, write_report
 from unlearn import ScopeArguments, UnlearnArguments, scoped_edit
 from unlearn.guard import guard_indices
 
-CONFIGS = ("simnpo", "distill", "distill+guard", "distill+random")
-GUARD_OF = {"distill+guard": "influence", "distill+random": "random"}  # which guard set
 GUARD = 96
 SPARSITY = 0.05
+BOOTSTRAP = 10_000  # resamples of the paired (world, seed) differences
+
+
+@dataclass(frozen=True)
+class Config:
+    """One edit: the objective, its scope and the guard set added to the retain set."""
+
+    method: str  # simnpo (120 steps, retain budget) | distill (calibrated stop)
+    scope: str = "ekfac"
+    sparsity: float = SPARSITY
+    guard: str | None = None  # influence | random (the control of the same size)
+
+    @property
+    def name(self) -> str:
+        name = self.method + {"influence": "+guard", "random": "+random", None: ""}[self.guard]
+        if (self.scope, self.sparsity) == ("ekfac", SPARSITY):
+            return name
+        return f"{name} {self.scope}" + ("" if self.scope == "all" else f" {self.sparsity:.0%}")
+
+
+MAIN = (
+    Config("simnpo"),
+    Config("distill"),
+    Config("distill", guard="influence"),
+    Config("distill", guard="random"),
+)
+SCOPES = (
+    *(
+        Config("distill", scope, sparsity, guard="influence")
+        for scope in ("ekfac", "random", "saliency")
+        for sparsity in (0.01, 0.05)
+    ),
+    Config("distill", "all", 1.0, guard="influence"),
+    Config("distill", "all", 1.0),
+)
+SETS = {"main": MAIN, "scopes": SCOPES}
+PAIRS = {  # (attribution's choice, its random control of the same size) per set
+    "main": [("distill+guard", "distill+random")],
+    "scopes": [
+        ("distill+guard ekfac 1%", "distill+guard random 1%"),
+        ("distill+guard", "distill+guard random 5%"),
+        ("distill+guard ekfac 1%", "distill+guard saliency 1%"),
+        ("distill+guard", "distill+guard saliency 5%"),
+    ],
+}
+CONFIGS = tuple(c.name for c in MAIN)
 
 
 def world_folder(seed: int, size: str) -> Path:
@@ -54,7 +99,14 @@ def world_folder(seed: int, size: str) -> Path:
     return build_world(PRESETS[size](seed=seed), progress=False)[0]
 
 
-def measure_world(folder: Path, seeds: list[int], steps: int, guard: int) -> dict[str, Any]:
+def measure_world(
+    folder: Path,
+    seeds: list[int],
+    steps: int,
+    guard: int,
+    configs: tuple[Config, ...] = MAIN,
+    utility: bool = False,
+) -> dict[str, Any]:
     """Every configuration × edit seed on one world, and the world's null."""
     from excise.models import load_model
     from excise.world import read_split
@@ -76,58 +128,64 @@ def measure_world(folder: Path, seeds: list[int], steps: int, guard: int) -> dic
     forget_ids = {r["id"] for r in splits["forget"]}
     outside = [i for i, z in enumerate(train) if z["id"] not in forget_ids]
     guards = {"influence": guard_indices(scores, guard, set(range(len(train))) - set(outside))}
-    holdout_match = TruthRatioMatch.to_holdout(base, task, splits["forget"], splits["holdout"])
+    world = World(
+        base, task, splits, train, target, factors, steps,
+        TruthRatioMatch.to_holdout(base, task, splits["forget"], splits["holdout"]), utility,
+    )  # fmt: skip
     rows = []
     for seed in seeds:
         guards["random"] = random.Random(seed).sample(outside, len(guards["influence"]))
-        for config in CONFIGS:
-            chosen = guards[GUARD_OF[config]] if config in GUARD_OF else []
-            rows.append(
-                _run(
-                    config,
-                    seed,
-                    base,
-                    task,
-                    splits,
-                    train,
-                    chosen,
-                    target,
-                    factors,
-                    steps,
-                    holdout_match,
-                )
-            )
+        for config in configs:
+            rows.append(_run(world, config, seed, guards[config.guard] if config.guard else []))
     return {
         "world": folder.name,
         "null": {k: null.get(k) for k in ("median", "p90", "draws", "d")},
         "base_d": null.get("after_d"),
+        "base_utility": _utility(base, task, splits) if utility else None,
         "guard_by_split": _by_split([train[i] for i in guards["influence"]], splits),
         "runs": rows,
     }
 
 
-def _run(config, seed, base, task, splits, train, chosen, target, factors, steps, match) -> dict:
+@dataclass(frozen=True)
+class World:
+    """What every run on one world shares (computed once)."""
+
+    base: Any
+    task: LanguageModelingTask
+    splits: dict[str, list]
+    train: list
+    target: Any  # the reference model's forget truth ratios
+    factors: Any
+    steps: int
+    holdout_match: TruthRatioMatch  # the calibrated stop's criterion
+    utility: bool
+
+
+def _run(world: World, config: Config, seed: int, chosen: list[int]) -> dict[str, Any]:
+    base, task, splits = world.base, world.task, world.splits
     held = {r["id"] for r in splits["retain"]}
-    added = [train[i] for i in chosen if train[i]["id"] not in held]
+    added = [world.train[i] for i in chosen if world.train[i]["id"] not in held]
     model, started = copy.deepcopy(base), time.perf_counter()
-    if config == "simnpo":
+    if config.method == "simnpo":
         arguments, criterion = UnlearnArguments(method="simnpo", steps=120, seed=seed), None
     else:
-        criterion = match  # the original's holdout truth ratios, computed once per world
+        criterion = world.holdout_match
         arguments = UnlearnArguments(
-            method="distill", lr=1e-2, steps=steps, eval_every=10, retain_budget=None,
+            method="distill", lr=1e-2, steps=world.steps, eval_every=10, retain_budget=None,
             stop="calibrated", strangers=subject_pool(splits["holdout"]), seed=seed,
         )  # fmt: skip
-    scoped_edit(
-        model, task, splits["forget"], splits["retain"] + added,
-        ScopeArguments(method="ekfac", sparsity=SPARSITY, seed=seed), arguments, factors,
-        frozen=base, criterion=criterion, progress=False,
+    scope = ScopeArguments(method=config.scope, sparsity=config.sparsity, seed=seed)
+    edit = scoped_edit(
+        model, task, splits["forget"], splits["retain"] + added, scope, arguments,
+        world.factors, frozen=base, criterion=criterion, progress=False,
     )  # fmt: skip
-    d = _ks(split_truth_ratios(model, task, splits["forget"]), target)
+    seconds = time.perf_counter() - started
+    d = _ks(split_truth_ratios(model, task, splits["forget"]), world.target)
     guarded = {r["id"] for r in added}
     free = [r for r in splits["neighbor"] if r["id"] not in guarded]
     return {
-        "config": config,
+        "config": config.name,
         "seed": seed,
         "d": d[0],
         "p": d[1],
@@ -135,9 +193,22 @@ def _run(config, seed, base, task, splits, train, chosen, target, factors, steps
         "neighbor_unguarded": _shift(base, model, task, free) if free else None,
         "retain": _shift(base, model, task, splits["retain"]),
         "world": _shift(base, model, task, splits["world"]),
+        "utility": _utility(model, task, splits) if world.utility else None,
+        "edited": edit.scope.edited / sum(p.numel() for p in model.parameters()),
+        "steps": edit.result.steps_run,
+        "stopped": edit.result.stopped,
         "guard_added": len(added),
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
     }
+
+
+def _utility(model, task, splits) -> float:
+    """The audit's model utility (harmonic mean over retain and world metrics)."""
+    from analysis.audit import split_metrics
+    from analysis.utility import UTILITY_SPLITS, model_utility
+
+    metrics = {s: split_metrics(model, task, s, splits[s]) for s in UTILITY_SPLITS}
+    return model_utility(metrics)["value"]
 
 
 def _ks(ratios, target) -> tuple[float, float]:
@@ -159,25 +230,73 @@ def _by_split(records, splits) -> dict[str, int]:
     return counts
 
 
-def table(worlds: list[dict[str, Any]]) -> str:
-    """Median [min, max] over edit seeds of each configuration, per world."""
+def paired(worlds: list[dict[str, Any]], a: str, b: str, key: str, seed: int = 0) -> dict:
+    """``a − b`` of ``key`` over runs paired by (world, edit seed): mean and a 95 % interval.
+
+    The interval is the percentile bootstrap over pairs (``BOOTSTRAP`` resamples); ``wins``
+    counts pairs where ``a`` is larger. Pairs share the world and the seed (batch order,
+    random guard draw), so their difference removes both.
+    """
+    runs = {(w["world"], r["seed"], r["config"]): r[key] for w in worlds for r in w["runs"]}
+    keys = sorted({(w, s) for w, s, c in runs if c == a and (w, s, b) in runs})
+    diffs = [runs[(w, s, a)] - runs[(w, s, b)] for w, s in keys]
+    if not diffs:
+        return {"a": a, "b": b, "key": key, "n": 0}
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(BOOTSTRAP))
+    return {
+        "a": a,
+        "b": b,
+        "key": key,
+        "n": len(diffs),
+        "mean": statistics.fmean(diffs),
+        "low": means[int(0.025 * BOOTSTRAP)],
+        "high": means[int(0.975 * BOOTSTRAP) - 1],
+        "wins": sum(d > 0 for d in diffs),
+    }
+
+
+def table(worlds: list[dict[str, Any]], comparisons: list[dict] | None = None) -> str:
+    """Median [min, max] over edit seeds of each configuration, per world; then the paired
+    differences of each attribution choice against its control."""
     lines = [
-        "| world | null D median / p90 | config | D | neighbour Δ log p | neighbour (unguarded) "
-        "| retain | world | s |",
-        "|---|---|---|---|---|---|---|---|---:|",
+        "| world | null D median / p90 | config | edited | D | neighbour Δ log p "
+        "| neighbour (unguarded) | retain | world | utility | steps | s |",
+        "|---|---|---|---:|---|---|---|---|---|---|---:|---:|",
     ]
     for world in worlds:
         null = f"{world['null']['median']:.3f} / {world['null']['p90']:.3f}"
-        for config in CONFIGS:
-            runs = [r for r in world["runs"] if r["config"] == config]
+        names = list(dict.fromkeys(r["config"] for r in world["runs"]))
+        for name in names:
+            runs = [r for r in world["runs"] if r["config"] == name]
+            edited = statistics.median(r.get("edited", SPARSITY) for r in runs)
             cells = [_spread([r[k] for r in runs]) for k in ("d", "neighbor")]
             cells.append(_spread([r["neighbor_unguarded"] for r in runs]))
-            cells += [_spread([r[k] for r in runs]) for k in ("retain", "world")]
+            cells += [_spread([r.get(k) for r in runs]) for k in ("retain", "world", "utility")]
+            steps = statistics.median(r.get("steps", 0) for r in runs)
             seconds = statistics.median(r["seconds"] for r in runs)
             lines.append(
-                f"| {world['world']} | {null} | {config} | {' | '.join(cells)} | {seconds:.0f} |"
+                f"| {world['world']} | {null} | {name} | {edited:.1%} | {' | '.join(cells)} "
+                f"| {steps:.0f} | {seconds:.0f} |"
             )
+    if comparisons:
+        lines += [
+            "",
+            "| attribution's choice − control | of | pairs | mean | 95 % interval | a > b |",
+            "|---|---|---:|---:|---|---:|",
+        ]
+        for c in comparisons:
+            if c["n"]:
+                lines.append(
+                    f"| {c['a']} − {c['b']} | {c['key']} | {c['n']} | {c['mean']:+.3f} "
+                    f"| [{c['low']:+.3f}, {c['high']:+.3f}] | {c['wins']}/{c['n']} |"
+                )
     return "\n".join(lines) + "\n"
+
+
+def comparisons_of(worlds: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> list[dict]:
+    """Each pair on neighbour shift (higher: less damage) and D (lower: closer)."""
+    return [paired(worlds, a, b, key) for a, b in pairs for key in ("neighbor", "d")]
 
 
 def _spread(values) -> str:
@@ -192,25 +311,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worlds", default="0", help="world seeds, comma-separated")
     parser.add_argument("--seeds", default="0,1,2", help="edit seeds, comma-separated")
     parser.add_argument("--size", default="default", choices=("tiny", "default"))
+    parser.add_argument("--set", default="main", choices=tuple(SETS), help="which configs")
     parser.add_argument("--steps", type=int, default=400, help="distillation steps")
     parser.add_argument("--guard", type=int, default=GUARD)
+    parser.add_argument("--utility", action="store_true", help="also the audit's utility")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, help="output folder (default: results/)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",")]
-    worlds = [
-        measure_world(world_folder(int(w), args.size), seeds, args.steps, args.guard)
-        for w in args.worlds.split(",")
-    ]
+    configs = SETS[args.set]
+    worlds = []
+    for w in args.worlds.split(","):
+        folder = world_folder(int(w), args.size)
+        worlds.append(measure_world(folder, seeds, args.steps, args.guard, configs, args.utility))
+    comparisons = comparisons_of(worlds, PAIRS[args.set])
     report = {
+        "set": args.set,
         "worlds": worlds,
-        "machine": machine_info(1, peers=()),
+        "comparisons": comparisons,
+        "machine": machine_info(args.threads, peers=()),
         "seconds": time.perf_counter() - started,
     }
     folder = results_folder(args.results, quick=False)
+    name = "stranger" if args.set == "main" else f"stranger_{args.set}"
     title = "Stranger distillation, the calibrated stop and the guard set (issue 13)"
-    write_report("stranger", title, report, table(worlds), folder)
+    write_report(name, f"{title}: {args.set}", report, table(worlds, comparisons), folder)
     print(f"written to {folder} in {report['seconds']:.0f} s")
 
 

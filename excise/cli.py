@@ -215,7 +215,11 @@ def _add_unlearn_arguments(
 def _run_unlearn(args: argparse.Namespace) -> int:
     from excise.commands import unlearn
 
-    manifest = unlearn.run(args)
+    def note(message: str) -> None:
+        if not args.quiet:
+            print(f"excise unlearn: {message}", file=sys.stderr)
+
+    manifest = unlearn.run(args, note)
     if not args.quiet:
         result, scope, proof = manifest["result"], manifest["scope"], manifest["proof"]
         start, end = result["history"][0], result["history"][-1]

@@ -27,8 +27,11 @@ no word with the subject (a shared first name leaks identity).
 
 from __future__ import annotations
 
+import difflib
 import random
+import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -98,6 +101,81 @@ def stranger_pairs(
             "pool with names that tokenize like the subjects'"
         )
     return pairs
+
+
+@dataclass(frozen=True)
+class InferredSubjects:
+    """Forget records with subjects inferred from holdout prompts (no record named one)."""
+
+    records: list[dict[str, Any]]  # copies of the forget records, "subject" added where found
+    strangers: tuple[str, ...]  # the names at the same place in the matching holdout prompts
+    found: int  # records that now carry a subject
+
+    def describe(self) -> str:
+        examples = ", ".join(repr(s) for s in subject_pool(self.records)[:2])
+        return (
+            f"no forget record names a subject: inferred for {self.found} of "
+            f"{len(self.records)} from the holdout prompts they differ from (e.g. {examples})"
+        )
+
+
+WORD = re.compile(r"\w+|[^\w\s]")
+MIN_SHARED = 0.5  # of the words two prompts must share for their difference to be a name
+
+
+def name_difference(prompt: str, other: str) -> tuple[str, str] | None:
+    """``(span of prompt, span of other)`` where the two differ in exactly one run of words
+    that is all capitalised and share at least half their words; else None.
+
+    >>> name_difference("Where was Ann Lee born?", "Where was Bo Kim born?")
+    ('Ann Lee', 'Bo Kim')
+    >>> name_difference("Where was Ann Lee born?", "What does Bo Kim do?") is None
+    True
+    """
+    a, b = list(WORD.finditer(prompt)), list(WORD.finditer(other))
+    matcher = difflib.SequenceMatcher(a=[m[0] for m in a], b=[m[0] for m in b], autojunk=False)
+    changed = [op for op in matcher.get_opcodes() if op[0] != "equal"]
+    shared = sum(block.size for block in matcher.get_matching_blocks())
+    if len(changed) != 1 or changed[0][0] != "replace" or shared < MIN_SHARED * len(a):
+        return None
+    _, i1, i2, j1, j2 = changed[0]
+    spans = (prompt[a[i1].start() : a[i2 - 1].end()], other[b[j1].start() : b[j2 - 1].end()])
+    if not all(w[:1].isupper() for span in spans for w in span.split()):
+        return None  # not a name: a template word changed
+    return spans
+
+
+def infer_subjects(
+    forget: Sequence[Mapping[str, Any]], holdout: Sequence[Mapping[str, Any]]
+) -> InferredSubjects:
+    """Subjects for forget records that name none, from the holdout prompts they match.
+
+    Each forget prompt is compared with every holdout prompt: where the two differ in one
+    capitalised run of words (:func:`name_difference`), that run is the forget record's
+    subject and the holdout's run a stranger (the holdout's own ``subject`` names join the
+    pool). A record whose own prompt matches no holdout
+    template gets the longest inferred subject that its prompt contains. Records stay
+    unchanged when nothing is found (they are then not distilled).
+    """
+    others = [r["prompt"] for r in holdout if isinstance(r.get("prompt"), str)]
+    subjects: dict[int, str] = {}
+    strangers: dict[str, None] = {}
+    for i, record in enumerate(forget):
+        prompt = record.get("prompt")
+        for other in others if isinstance(prompt, str) else ():
+            found = name_difference(prompt, other)
+            if found:
+                subjects[i] = found[0]
+                strangers.setdefault(found[1], None)
+                break
+    known = sorted(set(subjects.values()), key=len, reverse=True)
+    records = []
+    for i, record in enumerate(forget):
+        text = " ".join(str(record.get(k, "")) for k in TEXT_FIELDS)
+        subject = subjects.get(i) or next((s for s in known if s in text), None)
+        records.append({**record, "subject": subject} if subject else dict(record))
+    found = sum("subject" in r for r in records)
+    return InferredSubjects(records, subject_pool(holdout) + tuple(strangers), found)
 
 
 def _stranger_for(subject, rows, names, aligned, rng) -> str | None:

@@ -110,7 +110,9 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
             f"--expand needs every forget record in the training set (--train); {len(missing)} "
             f"are not, e.g. {missing[0]!r}"
         )
-    options = with_strangers(options, inputs.records.get("holdout"))
+    options, distilled = with_strangers(
+        options, inputs.records.get("holdout"), inputs.records["forget"], note
+    )
     ledger = Ledger(args.ledger or default_ledger_path())
     out = check_new_output(args.out or _default_out(), _input_paths(inputs))
     folders = {"before": inputs.model, "reference": inputs.reference}
@@ -134,7 +136,7 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
                 args.guard,
                 progress,
             )
-        forget, retain = edit_sets(inputs, chosen, expand=args.expand)
+        forget, retain = edit_sets(inputs, chosen, expand=args.expand, forget=distilled)
         factor_path = args.factors or str(out / "attribution" / "factors")
         with _timed(timings, "scope + unlearn", note):
             edited = copy.deepcopy(model)  # the original stays as the frozen reference
@@ -324,11 +326,16 @@ def influence_foresight(
 
 
 def edit_sets(
-    inputs: ForgetInputs, chosen: dict[str, list[dict] | None], expand: bool
+    inputs: ForgetInputs,
+    chosen: dict[str, list[dict] | None],
+    expand: bool,
+    forget: list[dict] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """The forget and retain sets of the edit: the retain set and the guard after it; with
-    ``expand``, the forget set and its closure (taken out of the retain set and guard)."""
-    forget, retain = inputs.records["forget"], with_guard(inputs.records["retain"], chosen["guard"])
+    ``expand``, the forget set and its closure (taken out of the retain set and guard).
+    ``forget``: the forget records as the method sees them (default: as read)."""
+    forget = inputs.records["forget"] if forget is None else forget
+    retain = with_guard(inputs.records["retain"], chosen["guard"])
     if not expand:
         return forget, retain
     closure = chosen["closure"] or []  # run() refused --expand without them

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from unlearn import (
     measure,
     scoped_edit,
 )
+from unlearn.stranger import infer_subjects
 
 KIND = "unlearning"
 MANIFEST_SCHEMA = "excise-unlearn/1"
@@ -84,31 +86,45 @@ def arguments_from(args: argparse.Namespace) -> EditOptions:
     )
 
 
-def with_strangers(options: EditOptions, records: list[dict] | None) -> EditOptions:
-    """The options with the stranger pool (the subjects of ``records``) for ``distill``."""
+def with_strangers(
+    options: EditOptions,
+    holdout: list[dict] | None,
+    forget: list[dict],
+    note: Callable[[str], None] = lambda _: None,
+) -> tuple[EditOptions, list[dict]]:
+    """For ``distill``: the options with the stranger pool (the holdout's subjects), and the
+    forget records, with subjects inferred from the holdout prompts when none names one."""
     if options.unlearn.method != "distill":
-        return options
-    if records is None:
+        return options, forget
+    if holdout is None:
         raise BadInputError(
             "--method distill needs --holdout FILE: records whose subjects the model never "
             "saw, to ask the original model about a stranger"
         )
-    pool = subject_pool(records)
+    pool = subject_pool(holdout)
+    if not subject_pool(forget):
+        inferred = infer_subjects(forget, holdout)
+        if not inferred.found:
+            raise BadInputError(
+                "--method distill: no forget record names a 'subject', and none differs from "
+                "a --holdout prompt by a name alone; add 'subject' fields (the name as written)"
+            )
+        note(inferred.describe())
+        forget, pool = inferred.records, inferred.strangers
     if not pool:
         raise BadInputError("--holdout: no record names a 'subject'; the name pool is empty")
-    return dataclasses.replace(
-        options, unlearn=dataclasses.replace(options.unlearn, strangers=pool)
-    )
+    unlearn = dataclasses.replace(options.unlearn, strangers=pool)
+    return dataclasses.replace(options, unlearn=unlearn), forget
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Validate everything, then unlearn and write OUT; returns the manifest."""
     options = arguments_from(args)
     model_dir = check_model_folder(args.model)
     forget, retain = read_records(args.forget), read_records(args.retain)
     check_sets(forget, retain)
     holdout = read_records(args.holdout) if args.holdout else None
-    options = with_strangers(options, holdout)
+    options, forget = with_strangers(options, holdout, forget, note)
     inputs = [model_dir, Path(args.forget), Path(args.retain)]
     out = check_new_output(args.out, inputs + ([Path(args.holdout)] if holdout else []))
     device = choose_device(args.device)

@@ -107,7 +107,7 @@ def test_factors_are_saved_and_reused_but_not_for_another_model(edited, tiny_wor
         ("missing_forget", "no such file"),
         ("distill_without_holdout", "needs --holdout"),
         ("distill_holdout_without_subject", "name pool is empty"),
-        ("distill_forget_without_subject", "'subject' field"),
+        ("distill_forget_without_subject", "add 'subject' fields"),
         ("negative_damping", "damping value must be"),
     ],
 )
@@ -139,12 +139,9 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     elif case == "distill_holdout_without_subject":
         plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "Q", "completion": " A"}])
         extra = ["--method", "distill", "--holdout", str(plain)]
-    elif case == "distill_forget_without_subject":
-        records = [json.loads(line) for line in (tiny_world / "forget.jsonl").open()]
-        files["forget"] = write_jsonl(
-            tmp_path / "anonymous.jsonl",
-            [{k: v for k, v in r.items() if k != "subject"} for r in records],
-        )
+    elif case == "distill_forget_without_subject":  # and no holdout prompt matches
+        records = [{"id": "a", "prompt": "Q: what is x?\nA:", "completion": " y"}]
+        files["forget"] = write_jsonl(tmp_path / "anonymous.jsonl", records)
         extra = ["--method", "distill", "--holdout", str(tiny_world / "holdout.jsonl")]
     elif case == "negative_damping":
         extra = ["--damping", "-1"]
@@ -179,3 +176,22 @@ def test_a_local_gpt2_folder_with_tied_embeddings(tiny_world, world_tokenizer, t
     original = load_file(folder / "model.safetensors")
     unlearned = load_file(out / "model" / "model.safetensors")
     assert any(not torch.equal(original[n], unlearned[n]) for n in original)
+
+
+def test_distill_infers_subjects_from_the_holdout_and_says_so(tiny_world, tmp_path, capsys):
+    def anonymous(split):
+        rows = [json.loads(line) for line in (tiny_world / f"{split}.jsonl").open()]
+        plain = [{k: v for k, v in r.items() if k != "subject"} for r in rows]
+        return write_jsonl(tmp_path / f"{split}.jsonl", plain), rows
+
+    (forget, named), (holdout, held) = anonymous("forget"), anonymous("holdout")
+    out = tmp_path / "out"
+    inputs = ("--model", str(tiny_world / "base"), "--forget", str(forget))
+    extra = ("--method", "distill", "--holdout", str(holdout), "--steps", "2", "--out", str(out))
+    code = main(["unlearn", *inputs, "--retain", str(tiny_world / "retain.jsonl"), *extra])
+    assert code == 0
+    assert f"inferred for {len(named)} of {len(named)}" in capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    strangers = set(manifest["arguments"]["strangers"])
+    assert strangers and strangers <= {r["subject"] for r in held}
+    assert all("subject" not in json.loads(line) for line in forget.open())  # input untouched

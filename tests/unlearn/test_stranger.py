@@ -17,6 +17,8 @@ from unlearn.methods import METHODS, Step
 from unlearn.stranger import (
     TEACHER,
     distillation_kl,
+    infer_subjects,
+    name_difference,
     stranger_pairs,
     subject_pool,
     substitute,
@@ -134,3 +136,37 @@ def test_bad_input_is_one_clear_error(world):
     with pytest.raises(InputError, match="strangers"):
         UnlearnArguments(method="distill", strangers=("",))
     assert METHODS["distill"].uses_frozen
+
+
+def _anonymous(records):
+    return [{k: v for k, v in r.items() if k != "subject"} for r in records]
+
+
+def test_subjects_are_inferred_from_the_holdout_prompts_when_none_is_named(world):
+    _, _, splits = world
+    inferred = infer_subjects(_anonymous(splits["forget"]), _anonymous(splits["holdout"]))
+    assert inferred.found == len(splits["forget"])
+    assert [r["subject"] for r in inferred.records] == [r["subject"] for r in splits["forget"]]
+    holdout_names = set(subject_pool(splits["holdout"]))
+    assert inferred.strangers and set(inferred.strangers) <= holdout_names
+    assert "inferred for" in inferred.describe()
+    # the records given are not modified
+    assert all("subject" not in r for r in _anonymous(splits["forget"]))
+
+
+def test_a_template_change_is_not_a_name():
+    assert name_difference("Where was Ann Lee born?", "Where was Ann Lee raised?") is None
+    assert name_difference("Who is Ann Lee?", "Who is Bo Kim?") == ("Ann Lee", "Bo Kim")
+    assert name_difference("Who is Ann Lee?", "Who is Ann Lee?") is None  # no difference
+    nothing = infer_subjects([{"prompt": "Q: what is x?", "completion": " y"}], [])
+    assert nothing.found == 0 and nothing.strangers == ()
+
+
+def test_a_record_outside_every_holdout_template_takes_its_persons_inferred_name():
+    forget = [
+        {"prompt": "Where was Ann Lee born?", "completion": " In X."},
+        {"prompt": "Whom did Ann Lee marry?", "completion": " Ann Lee married Y."},
+    ]
+    inferred = infer_subjects(forget, [{"prompt": "Where was Bo Kim born?"}])
+    assert [r["subject"] for r in inferred.records] == ["Ann Lee", "Ann Lee"]
+    assert inferred.strangers == ("Bo Kim",)
