@@ -196,6 +196,7 @@ def _run(world: World, config: Config, seed: int, chosen: list[int]) -> dict[str
         "utility": _utility(model, task, splits) if world.utility else None,
         "edited": edit.scope.edited / sum(p.numel() for p in model.parameters()),
         "steps": edit.result.steps_run,
+        "best_step": edit.result.details.get("calibrated_stop", {}).get("best_step"),
         "stopped": edit.result.stopped,
         "guard_added": len(added),
         "seconds": seconds,
@@ -261,7 +262,7 @@ def table(worlds: list[dict[str, Any]], comparisons: list[dict] | None = None) -
     differences of each attribution choice against its control."""
     lines = [
         "| world | null D median / p90 | config | edited | D | neighbour Δ log p "
-        "| neighbour (unguarded) | retain | world | utility | steps | s |",
+        "| neighbour (unguarded) | retain | world | utility | stop step | s |",
         "|---|---|---|---:|---|---|---|---|---|---|---:|---:|",
     ]
     for world in worlds:
@@ -273,7 +274,7 @@ def table(worlds: list[dict[str, Any]], comparisons: list[dict] | None = None) -
             cells = [_spread([r[k] for r in runs]) for k in ("d", "neighbor")]
             cells.append(_spread([r["neighbor_unguarded"] for r in runs]))
             cells += [_spread([r.get(k) for r in runs]) for k in ("retain", "world", "utility")]
-            steps = statistics.median(r.get("steps", 0) for r in runs)
+            steps = statistics.median(r.get("best_step") or r.get("steps", 0) for r in runs)
             seconds = statistics.median(r["seconds"] for r in runs)
             lines.append(
                 f"| {world['world']} | {null} | {name} | {edited:.1%} | {' | '.join(cells)} "

@@ -21,8 +21,7 @@ from excise import __version__
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 LIBRARY_LOGGERS = ("excise", "attribution", "unlearn", "analysis")
-FORGET_DEFAULTS = {"method": "simnpo", "steps": 120}  # excise forget's (unlearn: npo, 60)
-FORGET_GUARD = 0  # guard-set size of excise forget (issue 13 measures what to default to)
+FORGET_GUARD = 96  # guard-set size of excise forget (benchmarks/results/stranger.md)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,11 +186,9 @@ def _run_attribute(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _add_unlearn_arguments(
-    parser: argparse.ArgumentParser, data: bool = True, defaults: dict[str, Any] | None = None
-) -> None:
+def _add_unlearn_arguments(parser: argparse.ArgumentParser, data: bool = True) -> None:
     """The unlearning options, from the libraries' argument dataclasses (``data``: also
-    --model/--forget/--retain/--out); ``defaults`` overrides UnlearnArguments' defaults."""
+    --model/--forget/--retain/--out); the method's defaults from :mod:`excise.recipes`."""
     from excise.commands.unlearn import add_edit_options
 
     if data:
@@ -208,7 +205,7 @@ def _add_unlearn_arguments(
     parser.add_argument(
         "--reference", help="a model retrained without the forget set: stop at its forget loss"
     )
-    add_edit_options(parser, defaults)
+    add_edit_options(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
 
 
@@ -351,7 +348,7 @@ def _add_forget_arguments(parser: argparse.ArgumentParser) -> None:
     )
     # SimNPO in the ekfac scope: a small neighbour shift for its forgetting among the
     # default-argument runs of benchmarks/unlearning.py (see benchmarks/results/).
-    _add_unlearn_arguments(parser, data=False, defaults=FORGET_DEFAULTS)
+    _add_unlearn_arguments(parser, data=False)
     _add_relearn_arguments(parser)
 
 

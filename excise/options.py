@@ -41,7 +41,8 @@ def add_options(
     """An option per scalar field of ``cls`` (``--field-name`` unless ``names`` renames it).
 
     ``skip`` leaves fields out (the caller supplies them, e.g. the shared ``--seed``);
-    ``defaults`` overrides a field's default for this command (shown in the help).
+    ``defaults`` overrides a field's default for this command (shown in the help). A
+    number that may be None (``float | None``) also takes ``none``.
     """
     names, defaults = names or {}, defaults or {}
     hints = typing.get_type_hints(cls)
@@ -49,6 +50,8 @@ def add_options(
         kind = _scalar(hints[f.name])
         if f.name in skip or kind is None:
             continue
+        if _optional(hints[f.name]) and kind is not str:
+            kind = _or_none(kind)
         default = defaults.get(f.name, _default(f))
         help_text = f.metadata.get("help", "")
         if "default" not in help_text:  # the help may say it better (e.g. per method)
@@ -79,6 +82,22 @@ def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
+def _optional(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in (
+        typing.get_args(hint)
+    )
+
+
+def _or_none(kind: type) -> Any:
+    """``kind``, or None for ``none`` (an optional number switched off: ``--beta none``)."""
+
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
 
 
 def _scalar(hint: Any) -> type | None:

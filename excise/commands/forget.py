@@ -99,7 +99,7 @@ class ForgetInputs:
 
 def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Validate everything, run the five stages, record the request; returns the summary."""
-    options = arguments_from(args)
+    options = arguments_from(args, has_holdout=uses_world(args) or bool(args.holdout), note=note)
     if args.guard < 0:
         raise BadInputError(f"--guard {args.guard}: must be >= 0 (training examples to guard)")
     inputs = resolve_inputs(args, note)
@@ -194,11 +194,16 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
     return summary
 
 
+def uses_world(args: argparse.Namespace) -> bool:
+    """Whether the run works on the embedded world (no model or data named)."""
+    names = ("model", "forget", "retain", "train", "neighbor", "world", "holdout", "reference")
+    return not any(getattr(args, k) for k in names)
+
+
 def resolve_inputs(args: argparse.Namespace, note: Callable[[str], None]) -> ForgetInputs:
     """The default world when nothing is named, else the user's files; records read."""
     named = {k: getattr(args, k) for k in ("model", "forget", "retain")}
-    extra = ("train", "neighbor", "world", "holdout", "reference")
-    if not any(named.values()) and not any(getattr(args, k) for k in extra):
+    if uses_world(args):
         inputs = _world_inputs(args.size, note, progress=False if args.quiet else None)
     elif all(named.values()):
         inputs = ForgetInputs(

@@ -42,6 +42,7 @@ from excise.models import (
 )
 from excise.options import DAMPING_OPTIONS, FACTOR_FIELDS, add_options, from_options
 from excise.outputs import check_new_output
+from excise.recipes import BY_METHOD, RECIPE_FIELDS, default_help, settings
 from excise.records import read_records
 from unlearn import (
     METHODS,
@@ -67,21 +68,37 @@ class EditOptions:
     factors: FactorArguments
 
 
-def add_edit_options(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None) -> None:
-    """Options from ScopeArguments, UnlearnArguments, Damping and FactorArguments' fields."""
+def add_edit_options(parser: argparse.ArgumentParser) -> None:
+    """Options from ScopeArguments, UnlearnArguments, Damping and FactorArguments' fields;
+    the method and its recipe's settings default to :mod:`excise.recipes`."""
+    defaults = dict.fromkeys(RECIPE_FIELDS, BY_METHOD)
     add_options(parser, UnlearnArguments, "unlearn", skip=("seed",), defaults=defaults)
+    for action in parser._actions:  # the method's default depends on the data
+        if action.dest == "unlearn.method":
+            action.help = f"the unlearning objective ({default_help()})"
     add_options(parser, ScopeArguments, "scope", names={"method": "--scope"}, skip=("seed",))
     add_options(parser, Damping, "damping", names=DAMPING_OPTIONS)
     skip = tuple(f.name for f in fields(FactorArguments) if f.name not in FACTOR_FIELDS)
     add_options(parser, FactorArguments, "factors", skip=skip)
 
 
-def arguments_from(args: argparse.Namespace) -> EditOptions:
-    """The library argument objects (validated: bad values fail before any work)."""
+def arguments_from(
+    args: argparse.Namespace, has_holdout: bool, note: Callable[[str], None] = lambda _: None
+) -> EditOptions:
+    """The library argument objects (validated: bad values fail before any work); unset
+    unlearning options come from the method's recipe (:mod:`excise.recipes`)."""
     damping = from_options(Damping, args, "damping")
+    given = {
+        f.name: getattr(args, f"unlearn.{f.name}")
+        for f in fields(UnlearnArguments)
+        if hasattr(args, f"unlearn.{f.name}")
+    }
+    chosen, message = settings(given, has_holdout)
+    if message:
+        note(message)
     return EditOptions(
         scope=from_options(ScopeArguments, args, "scope", seed=args.seed, damping=damping),
-        unlearn=from_options(UnlearnArguments, args, "unlearn", seed=args.seed, damping=damping),
+        unlearn=UnlearnArguments(**chosen, seed=args.seed, damping=damping),
         factors=from_options(FactorArguments, args, "factors", seed=args.seed),
     )
 
@@ -119,7 +136,7 @@ def with_strangers(
 
 def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Validate everything, then unlearn and write OUT; returns the manifest."""
-    options = arguments_from(args)
+    options = arguments_from(args, has_holdout=args.holdout is not None, note=note)
     model_dir = check_model_folder(args.model)
     forget, retain = read_records(args.forget), read_records(args.retain)
     check_sets(forget, retain)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from benchmarks.stranger import CONFIGS, measure_world, table
+import pytest
+
+from benchmarks.stranger import CONFIGS, SCOPES, measure_world, paired, table
 
 
 def test_every_configuration_is_measured_against_the_null(tiny_world):
@@ -24,3 +26,35 @@ def test_every_configuration_is_measured_against_the_null(tiny_world):
     assert runs["distill"]["neighbor_unguarded"] == runs["distill"]["neighbor"]
     rendered = table([world])
     assert all(f"| {config} |" in rendered for config in CONFIGS)
+
+
+def test_scopes_edit_their_share_and_utility_is_measured(tiny_world):
+    chosen = tuple(c for c in SCOPES if c.name in SCOPE_NAMES)
+    world = measure_world(tiny_world, [0], steps=5, guard=8, configs=chosen, utility=True)
+    runs = {r["config"]: r for r in world["runs"]}
+    assert set(runs) == set(SCOPE_NAMES)
+    assert abs(runs["distill+guard ekfac 1%"]["edited"] - 0.01) < 0.002
+    assert abs(runs["distill+guard random 1%"]["edited"] - 0.01) < 0.002
+    assert runs["distill all"]["edited"] > 0.99
+    assert 0 < world["base_utility"] <= 1
+    assert all(0 <= r["utility"] <= 1 for r in runs.values())
+    assert all(r["best_step"] is not None and r["best_step"] <= 5 for r in runs.values())
+
+
+SCOPE_NAMES = ("distill+guard ekfac 1%", "distill+guard random 1%", "distill all")
+
+
+def test_paired_differences_and_their_bootstrap_interval():
+    def run(config, seed, value):
+        return {"config": config, "seed": seed, "neighbor": value}
+
+    worlds = [
+        {"world": "w0", "runs": [run("a", 0, -0.1), run("b", 0, -0.5), run("a", 1, -0.2)]},
+        {"world": "w1", "runs": [run("a", 0, -0.3), run("b", 0, -0.4), run("b", 1, -0.9)]},
+    ]
+    result = paired(worlds, "a", "b", "neighbor")
+    assert result["n"] == 2  # only (world, seed) pairs where both ran
+    assert result["mean"] == pytest.approx((0.4 + 0.1) / 2)
+    assert 0.1 - 1e-9 <= result["low"] <= result["mean"] <= result["high"] <= 0.4 + 1e-9
+    assert result["wins"] == 2
+    assert paired(worlds, "a", "missing", "neighbor")["n"] == 0

@@ -143,7 +143,8 @@ def test_default_out_is_under_excise_home(home, tmp_path, world_run, capsys):
     _, _, _ = world_run
     runs_before = set((home / "runs").iterdir()) if (home / "runs").exists() else set()
     capsys.readouterr()
-    code = forget_cli("--size", "tiny", "--ledger", str(tmp_path / "l.db"), "--method", "newton")
+    ledger = ("--ledger", str(tmp_path / "l.db"))
+    code = forget_cli("--size", "tiny", *ledger, "--method", "newton", "--guard", "0")
     assert code == 0
     stdout = capsys.readouterr().out
     (out,) = set((home / "runs").iterdir()) - runs_before
