@@ -22,6 +22,8 @@ from excise import __version__
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 LIBRARY_LOGGERS = ("excise", "attribution", "unlearn", "analysis")
 FORGET_GUARD = 96  # guard-set size of excise forget (benchmarks/results/stranger.md)
+GUARD_CHOICES = ("random", "influence")  # random first: influence did not beat it
+GUARD_HOW = {"random": "drawn at random", "influence": "predicted to be damaged most"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -337,8 +339,16 @@ def _add_forget_arguments(parser: argparse.ArgumentParser) -> None:
         "--guard",
         type=int,
         default=FORGET_GUARD,
-        help="add the N training examples outside the forget set that the edit is predicted "
-        f"to damage most (influence) to the retain set (default: {FORGET_GUARD})",
+        help="add N training examples outside the forget set to the retain set, chosen by "
+        f"--guard-by (default: {FORGET_GUARD}; 0: none)",
+    )
+    parser.add_argument(
+        "--guard-by",
+        choices=GUARD_CHOICES,
+        default=GUARD_CHOICES[0],
+        help="random: drawn at random (seeded); influence: those the edit is predicted to "
+        "damage most. Measured: either cuts neighbour damage; influence did not beat random "
+        "(benchmarks/results/stranger.md) (default: random)",
     )
     parser.add_argument(
         "--expand",
@@ -377,7 +387,8 @@ def _run_forget(args: argparse.Namespace) -> int:
     guard = attribution["guard"]
     if guard["n"]:
         splits = ", ".join(f"{n} {name}" for name, n in sorted(guard["by_split"].items()))
-        print(f"guard: {guard['n']} training examples predicted to be damaged most ({splits})")
+        how = GUARD_HOW[guard.get("by", "influence")]
+        print(f"guard: {guard['n']} training examples {how} added to the retain set ({splits})")
     closure = attribution["closure"]
     if closure.get("n"):
         verb = "added to the forget set" if summary["expanded"] else "reported (--expand adds them)"

@@ -1,6 +1,10 @@
 """What attribution chooses for the edit: the guard set, and the forget set's closure.
 
-**The guard set**: training examples the edit would damage most, predicted by influence.
+**The guard set**: training examples the edit would damage most, predicted by influence
+(or, the control, as many drawn at random: :func:`random_guard_indices`). Measured on
+three worlds × three seeds (benchmarks/results/stranger.md), either guard cuts the
+neighbour damage of stranger distillation, and influence's choice did not beat the random
+one of the same size — which is why ``excise forget`` defaults to the random guard.
 
 Removing a forget set F moves the parameters, to first order, along its Newton direction
 Δθ = η P⁻¹ ḡ_F (P the damped curvature; :mod:`unlearn.newton`). The loss of a training
@@ -30,6 +34,7 @@ does, and forgetting q while keeping z would leave the fact learnable from z.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Collection, Sequence
 
 import torch
@@ -48,6 +53,20 @@ def guard_indices(scores: torch.Tensor, n: int, exclude: Collection[int] = ()) -
     order = torch.argsort(damage, descending=True, stable=True).tolist()
     chosen = [i for i in order if i not in set(exclude) and damage[i] > 0]
     return chosen[:n]
+
+
+def random_guard_indices(
+    n_train: int, n: int, exclude: Collection[int] = (), seed: int = 0
+) -> list[int]:
+    """``n`` training positions (not in ``exclude``) drawn uniformly without replacement.
+
+    >>> random_guard_indices(6, 3, exclude={0, 1}, seed=0) == random_guard_indices(6, 3, {0, 1})
+    True
+    >>> sorted(random_guard_indices(4, 9, exclude={2}))
+    [0, 1, 3]
+    """
+    outside = [i for i in range(n_train) if i not in set(exclude)]
+    return random.Random(seed).sample(outside, min(n, len(outside)))
 
 
 def closure_indices(scores: torch.Tensor, own: Sequence[int]) -> list[int]:

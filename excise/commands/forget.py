@@ -64,7 +64,12 @@ from excise.models import check_model_folder, choose_device
 from excise.outputs import check_new_output
 from excise.records import read_records
 from unlearn import check_sets
-from unlearn.guard import closure_indices, guard_indices, predicted_damage
+from unlearn.guard import (
+    closure_indices,
+    guard_indices,
+    predicted_damage,
+    random_guard_indices,
+)
 from unlearn.proof import state_hashes
 
 KIND = "forget"
@@ -133,7 +138,7 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
                 options,
                 factors,
                 before,
-                args.guard,
+                (args.guard, args.guard_by),
                 progress,
             )
         forget, retain = edit_sets(inputs, chosen, expand=args.expand, forget=distilled)
@@ -257,16 +262,16 @@ def attribute(
     options: EditOptions,
     factors: Factors | None = None,
     hashes: dict[str, str] | None = None,
-    guard: int = 0,
+    guard: tuple[int, str] = (0, "random"),
     progress: bool | None = None,
 ) -> tuple[Factors, dict, list[dict]]:
     """Factors on the training set (unless given); forget records' top-k proponents.
 
     The factor fit and the scores use the run's factor arguments (strategy, Fisher, seed)
     and damping, the same that the scope and a Newton step use. Returns the factors, the
-    summary and the guard set: the ``guard`` training examples outside the forget set with
-    the largest predicted damage (:mod:`unlearn.guard`). Writes ``folder``/factors (when
-    fitted here), scores/, topk.jsonl and summary.md.
+    summary and the guard set: ``guard`` = (n, by) training examples outside the forget set,
+    drawn at random (seeded) or with the largest predicted damage (:mod:`unlearn.guard`).
+    Writes ``folder``/factors (when fitted here), scores/, topk.jsonl and summary.md.
     """
     train, forget = inputs.records["train"], inputs.records["forget"]
     fingerprint = fingerprint_of(hashes) if hashes is not None else None
@@ -304,9 +309,14 @@ def attribute(
     position = {z["id"]: i for i, z in enumerate(train)}
     own = [position.get(r["id"]) for r in forget]
     exclude = {i for i in own if i is not None}
-    guarded = [train[i] for i in guard_indices(scores.total, guard, exclude)] if guard else []
+    n, by = guard
+    if by == "influence":
+        chosen = guard_indices(scores.total, n, exclude)
+    else:
+        chosen = random_guard_indices(len(train), n, exclude, options.unlearn.seed)
+    guarded = [train[i] for i in chosen]
     closure = None if None in own else [train[i] for i in closure_indices(scores.total, own)]
-    summary["guard"] = records_summary(guarded, inputs)
+    summary["guard"] = {**records_summary(guarded, inputs), "by": by}
     summary["closure"] = (
         records_summary(closure, inputs)
         if closure is not None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from safetensors import safe_open
 
 from analysis.ledger import Ledger
 from attribution.artifacts import sha256_file
@@ -278,13 +279,13 @@ def test_the_guard_set_comes_from_influence_and_joins_the_retain_set(
 ):
     """--guard N: the N training examples outside the forget set with the largest predicted
     damage (column sums of the forget × train scores) are recorded and guarded."""
-    from safetensors import safe_open
 
     from unlearn.guard import predicted_damage
 
     out = tmp_path / "out"
     code = forget_cli(
-        *("--size", "tiny", "--method", "distill", "--guard", "8", "--steps", "3", "--expand"),
+        *("--size", "tiny", "--method", "distill", "--guard", "8", "--guard-by", "influence"),
+        *("--steps", "3", "--expand"),
         *("--relearn-steps", "0", "--out", str(out), "--ledger", str(tmp_path / "l.db")),
     )
     assert code == 0
@@ -298,7 +299,8 @@ def test_the_guard_set_comes_from_influence_and_joins_the_retain_set(
     expected = [i for i in ranked if i not in forget_ids][:8]
     assert guard["ids"] == expected and guard["n"] == 8
     assert sum(guard["by_split"].values()) == 8 and not forget_ids & set(guard["ids"])
-    assert "guard: 8 training examples" in capsys.readouterr().out
+    assert "guard: 8 training examples predicted to be damaged most" in capsys.readouterr().out
+    assert guard["by"] == "influence"
     # the closure: non-forget examples a forget query ranks at or above its own record
     summary = json.loads((out / "forget.json").read_text())
     queries = [json.loads(line)["query_id"] for line in (out / "attribution" / "topk.jsonl").open()]
@@ -310,3 +312,15 @@ def test_the_guard_set_comes_from_influence_and_joins_the_retain_set(
     manifest = json.loads((out / "unlearn" / "manifest.json").read_text())
     assert manifest["inputs"]["expanded_with"] == closure["ids"]
     assert manifest["inputs"]["guard"] == guard["ids"]
+
+
+def test_the_default_guard_is_drawn_at_random_outside_the_forget_set(world_run, tiny_world):
+    out, _, stdout = world_run
+    guard = json.loads((out / "forget.json").read_text())["attribution"]["guard"]
+    forget_ids = {json.loads(line)["id"] for line in (tiny_world / "forget.jsonl").open()}
+    with safe_open(out / "attribution" / "scores" / "pairwise.safetensors", "pt") as handle:
+        train_ids = json.loads(handle.metadata()["train_ids"])
+    outside = [i for i in train_ids if i not in forget_ids]
+    assert guard["by"] == "random" and guard["n"] == min(96, len(outside))
+    assert len(set(guard["ids"])) == guard["n"] and set(guard["ids"]) <= set(outside)
+    assert f"guard: {guard['n']} training examples drawn at random" in stdout
