@@ -1,24 +1,32 @@
 """Issue 13's measurement: does the edit land where retraining lands, and does attribution help?
 
 On each world (the embedded default world, and the same generator with other seeds: ``excise
-world --seed S``), for each edit seed, four configurations edit a copy of the base model
-within the 5 % ekfac scope:
+world --seed S``), for each edit seed, each configuration of a set edits a copy of the base
+model. ``--set main`` (the 5 % ekfac scope):
 
-- ``simnpo``: today's ``excise forget`` default (SimNPO, 120 steps, retain budget 0.5);
+- ``simnpo``: the earlier ``excise forget`` default (SimNPO, 120 steps, retain budget 0.5);
 - ``distill``: stranger distillation, lr 1e-2, ``--steps`` steps, calibrated stop (the
-  forget truth ratios matched to the original model's on holdout people), no retain budget;
+  forget truth ratios matched to the original model's on holdout people), no retain budget
+  (today's default recipe, :mod:`excise.recipes`);
 - ``distill+guard``: the same, with the 96 training examples outside the forget set that
   influence predicts the edit damages most added to the retain set (:mod:`unlearn.guard`);
 - ``distill+random``: the same, with 96 random non-forget training examples instead (the
-  control of the same size).
+  control of the same size; today's ``excise forget`` default guard).
+
+``--set scopes``: ``distill`` with the influence guard in the ekfac, random and saliency
+scopes at 1 % and 5 %, and unscoped (``all``) with and without the guard.
 
 Reported per run: KS D (and p) of the forget truth ratios against the reference model's
 (retrained without the forget set); the perfect-stranger null of D on that world (the
 original model with holdout names swapped in, 20 draws: median, 90th percentile); mean
-Δ log p on neighbour (all, and those not in the guard), retain and world records; seconds.
-The table gives the median and range over edit seeds.
+Δ log p on neighbour (all, and those not in the guard), retain and world records; the
+audit's model utility (``--utility``); the edited share; the calibrated stop's step;
+seconds. The table gives the median and range over edit seeds, then paired differences
+(same world and seed) of each choice against its control, with a bootstrap interval.
 
     python -m benchmarks.stranger --worlds 0,1,2 --seeds 0,1,2      # ~45 min on 2 cores
+    python -m benchmarks.stranger --set scopes --utility --threads 2  # ~45 min
+    python -m benchmarks.stranger --render results/stranger.json      # tables only
 """
 
 from __future__ import annotations
@@ -80,8 +88,12 @@ SCOPES = (
     Config("distill", "all", 1.0),
 )
 SETS = {"main": MAIN, "scopes": SCOPES}
-PAIRS = {  # (attribution's choice, its random control of the same size) per set
-    "main": [("distill+guard", "distill+random")],
+PAIRS = {  # (attribution's choice, its control) per set
+    "main": [
+        ("distill+guard", "distill+random"),
+        ("distill+guard", "distill"),  # and each guard against none
+        ("distill+random", "distill"),
+    ],
     "scopes": [
         ("distill+guard ekfac 1%", "distill+guard random 1%"),
         ("distill+guard", "distill+guard random 5%"),
@@ -274,16 +286,17 @@ def table(worlds: list[dict[str, Any]], comparisons: list[dict] | None = None) -
             cells = [_spread([r[k] for r in runs]) for k in ("d", "neighbor")]
             cells.append(_spread([r["neighbor_unguarded"] for r in runs]))
             cells += [_spread([r.get(k) for r in runs]) for k in ("retain", "world", "utility")]
-            steps = statistics.median(r.get("best_step") or r.get("steps", 0) for r in runs)
+            stops = [r.get("best_step") for r in runs]
+            steps = f"{statistics.median(stops):.0f}" if None not in stops else "–"
             seconds = statistics.median(r["seconds"] for r in runs)
             lines.append(
                 f"| {world['world']} | {null} | {name} | {edited:.1%} | {' | '.join(cells)} "
-                f"| {steps:.0f} | {seconds:.0f} |"
+                f"| {steps} | {seconds:.0f} |"
             )
     if comparisons:
         lines += [
             "",
-            "| attribution's choice − control | of | pairs | mean | 95 % interval | a > b |",
+            "| a − b (paired by world and seed) | of | pairs | mean | 95 % interval | a > b |",
             "|---|---|---:|---:|---|---:|",
         ]
         for c in comparisons:
@@ -296,8 +309,8 @@ def table(worlds: list[dict[str, Any]], comparisons: list[dict] | None = None) -
 
 
 def comparisons_of(worlds: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> list[dict]:
-    """Each pair on neighbour shift (higher: less damage) and D (lower: closer)."""
-    return [paired(worlds, a, b, key) for a, b in pairs for key in ("neighbor", "d")]
+    """Each pair on neighbour and world shift (higher: less damage) and D (lower: closer)."""
+    return [paired(worlds, a, b, key) for a, b in pairs for key in ("neighbor", "world", "d")]
 
 
 def _spread(values) -> str:
@@ -305,6 +318,18 @@ def _spread(values) -> str:
     if not values:
         return "–"
     return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
+def render(path: Path) -> None:
+    """Recompute the comparisons and the markdown of a finished run's JSON, in place."""
+    import json
+
+    report = json.loads(path.read_text())
+    pairs = PAIRS[report.get("set", "main")]
+    report["comparisons"] = comparisons_of(report["worlds"], pairs)
+    markdown = table(report["worlds"], report["comparisons"])
+    title = path.with_suffix(".md").read_text().splitlines()[0].removeprefix("# ")
+    write_report(path.stem, title, report, markdown, path.parent)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -318,7 +343,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--utility", action="store_true", help="also the audit's utility")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, help="output folder (default: results/)")
+    parser.add_argument(
+        "--render", type=Path, help="only rewrite the tables of this results JSON (no runs)"
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        render(args.render)
+        return
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",")]
