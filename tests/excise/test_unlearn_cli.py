@@ -44,7 +44,7 @@ def edited(tiny_world, tmp_path_factory):
     """One ekfac-scoped NPO run through the command line; the base folder's hashes before."""
     before = folder_hashes(tiny_world / "base")
     out = tmp_path_factory.mktemp("unlearn") / "out"
-    assert unlearn_cli(tiny_world, out, "--sparsity", "0.05") == 0
+    assert unlearn_cli(tiny_world, out, "--sparsity", "0.05", "--method", "npo") == 0
     return out, before
 
 
