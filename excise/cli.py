@@ -21,7 +21,7 @@ from excise import __version__
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 LIBRARY_LOGGERS = ("excise", "attribution", "unlearn", "analysis")
-FORGET_GUARD = 96  # guard-set size of excise forget (benchmarks/results/stranger.md)
+FORGET_GUARD = 288  # guard-set size of excise forget (benchmarks/results/stranger_guard288.md)
 GUARD_CHOICES = ("random", "influence")  # random first: influence did not beat it
 GUARD_HOW = {"random": "drawn at random", "influence": "predicted to be damaged most"}
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from analysis.ledger import Ledger
 from attribution.artifacts import sha256_file
-from excise.cli import main
+from excise.cli import FORGET_GUARD, main
 from tests.excise.helpers import error_lines
 
 
@@ -321,6 +321,6 @@ def test_the_default_guard_is_drawn_at_random_outside_the_forget_set(world_run, 
     with safe_open(out / "attribution" / "scores" / "pairwise.safetensors", "pt") as handle:
         train_ids = json.loads(handle.metadata()["train_ids"])
     outside = [i for i in train_ids if i not in forget_ids]
-    assert guard["by"] == "random" and guard["n"] == min(96, len(outside))
+    assert guard["by"] == "random" and guard["n"] == min(FORGET_GUARD, len(outside))
     assert len(set(guard["ids"])) == guard["n"] and set(guard["ids"]) <= set(outside)
     assert f"guard: {guard['n']} training examples drawn at random" in stdout
