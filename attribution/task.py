@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from attribution.data import IGNORE_INDEX, collate, encode_record, pad_token_id
+from attribution.errors import InputError
 from attribution.progress import evaluating, progress_bar
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -146,6 +147,10 @@ class LanguageModelingTask:
         self, tokenizer: Any = None, max_length: int | None = None, pad_id: int | None = None
     ):
         self.tokenizer = tokenizer
+        if max_length is not None and (
+            not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1
+        ):
+            raise InputError(f"max_length must be an integer >= 1 (tokens), got {max_length!r}")
         self.max_length = max_length
         self.pad_id = (
             pad_id

@@ -93,6 +93,12 @@ class UnlearnArguments:
                 raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.beta is not None and not self.beta > 0:
             raise InputError(f"beta must be > 0, got {self.beta!r}")
+        for name in ("retain_budget", "forget_target"):  # None: switched off
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, int | float) or not math.isfinite(value) or value < 0
+            ):
+                raise InputError(f"{name} must be a finite number >= 0 or none, got {value!r}")
         object.__setattr__(self, "damping", Damping.of(self.damping))
         strangers = tuple(self.strangers)
         if not all(isinstance(n, str) and n.strip() for n in strangers):

@@ -43,6 +43,13 @@ TEXT_PREVIEW = 160
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Validate everything, then compute and write; returns a small summary for the CLI."""
+    score_arguments = ScoreArguments(  # checked before anything is read, fitted or written
+        damping=from_options(Damping, args, "damping"),
+        batch_size=args.batch_size,
+        per_module=args.per_module,
+        per_token=args.per_token,
+        query_rank=args.query_rank,
+    )
     train, queries = read_records(args.train), read_records(args.query)
     model, tokenizer = load_model(args.model)
     out = check_output_folder(args.out, KIND)
@@ -58,13 +65,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pass
     if factors is None:
         factors = fit_factors(model, task, train, factor_arguments, out / "factors", progress)
-    score_arguments = ScoreArguments(
-        damping=from_options(Damping, args, "damping"),
-        batch_size=args.batch_size,
-        per_module=args.per_module,
-        per_token=args.per_token,
-        query_rank=args.query_rank,
-    )
     ids = {"query_ids": [q["id"] for q in queries], "train_ids": [z["id"] for z in train]}
     scores = stored_pairwise_scores(
         model,

@@ -123,6 +123,11 @@ def assert_one_line_message(stderr, message):
         (["--modules", "model.layers.0.mlp.up_proj", "lm_hed"], "no module named 'lm_hed'"),
         (["--max-length", "4"], "no completion tokens left"),
         (["--device", "cuda:7"], "no CUDA device"),
+        # numbers are checked before anything is fitted or written (issue 15, items 4 and 9)
+        (["--damping", "inf"], "damping value must be a finite number"),
+        (["--damping", "nan"], "damping value must be a finite number"),
+        (["--max-length", "-5"], "max_length must be an integer >= 1"),
+        (["--query-rank", "0"], "query_rank must be >= 1"),
     ],
 )
 def test_bad_arguments_exit_2_and_write_nothing(files, tmp_path, extra, message):

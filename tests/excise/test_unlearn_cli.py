@@ -109,6 +109,9 @@ def test_factors_are_saved_and_reused_but_not_for_another_model(edited, tiny_wor
         ("distill_holdout_without_subject", "name pool is empty"),
         ("distill_forget_without_subject", "add 'subject' fields"),
         ("negative_damping", "damping value must be"),
+        ("negative_retain_budget", "retain_budget must be a finite number >= 0 or none"),
+        ("nan_retain_budget", "retain_budget must be a finite number >= 0 or none"),
+        ("nan_forget_target", "forget_target must be a finite number >= 0 or none"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(
@@ -145,6 +148,12 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
         extra = ["--method", "distill", "--holdout", str(tiny_world / "holdout.jsonl")]
     elif case == "negative_damping":
         extra = ["--damping", "-1"]
+    elif case == "negative_retain_budget":
+        extra = ["--retain-budget", "-1"]
+    elif case == "nan_retain_budget":
+        extra = ["--retain-budget", "nan"]
+    elif case == "nan_forget_target":
+        extra = ["--forget-target", "nan"]
     try:
         code = unlearn_cli(tiny_world, out, *extra, **files)
     except SystemExit as exit_:  # argparse's usage errors
