@@ -78,8 +78,11 @@ def _check_shape(record: dict[str, Any], where: str) -> None:
         )
     if has_pair and "completion" not in record:
         raise BadInputError(f"{where}: has 'prompt' but no 'completion'")
-    if has_pair:
-        record.setdefault("prompt", "")
+    if has_pair and "prompt" not in record:  # e.g. a CSV header the reader could not match
+        raise BadInputError(
+            f"{where}: has 'completion' but no 'prompt' (give \"prompt\": \"\" for none, or "
+            "use 'text')"
+        )
     target = "text" if has_text else "completion"
     if not record[target].strip():
         raise BadInputError(f"{where}: field {target!r} is empty")
@@ -130,7 +133,7 @@ def _read_file(path: Path) -> list[Any]:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # with or without a byte-order mark
     except UnicodeDecodeError as err:
         raise BadInputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
@@ -159,7 +162,7 @@ def _read_json(path: Path) -> list[Any]:
 
 
 def _read_csv(path: Path) -> list[Any]:
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # spreadsheets write a BOM
         try:
             rows = list(csv.DictReader(handle))
         except (csv.Error, UnicodeDecodeError) as err:

@@ -39,9 +39,26 @@ def test_missing_id_is_the_row_number_and_text_shape_is_accepted(tmp_path):
     assert records[0]["text"] == "hello world"
 
 
-def test_integer_ids_become_strings_and_prompt_defaults_to_empty(tmp_path):
-    records = read_records(write_jsonl(tmp_path / "d.jsonl", [{"id": 7, "completion": "x"}]))
-    assert records == [{"id": "7", "completion": "x", "prompt": ""}]
+def test_integer_ids_become_strings_and_an_empty_prompt_is_kept(tmp_path):
+    rows = [{"id": 7, "prompt": "", "completion": "x"}]
+    records = read_records(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert records == [{"id": "7", "prompt": "", "completion": "x"}]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json"])
+def test_a_byte_order_mark_is_read_as_utf8(tmp_path, suffix):
+    """What spreadsheet programs save as "CSV UTF-8" starts with a BOM (issue 15, item 3)."""
+    path = tmp_path / f"bom{suffix}"
+    if suffix == ".csv":
+        body = "prompt,completion\nWho is Ann?, A writer.\n"
+    elif suffix == ".jsonl":
+        body = json.dumps({"prompt": "Who is Ann?", "completion": " A writer."}) + "\n"
+    else:
+        body = json.dumps([{"prompt": "Who is Ann?", "completion": " A writer."}])
+    path.write_bytes("\ufeff".encode() + body.encode())
+    (record,) = read_records(path)
+    assert record["prompt"] == "Who is Ann?" and record["completion"] == " A writer."
+    assert not any(key.startswith("\ufeff") for key in record)
 
 
 def test_json_array(tmp_path):
@@ -91,6 +108,7 @@ def test_save_to_disk_folder(tmp_path):
         ('{"prompt": "q", "completion": "a"}\n{not json}\n', "line 2: not valid JSON"),
         ('{"question": "q", "answer": "a"}\n', "needs 'prompt' and 'completion', or 'text'"),
         ('{"prompt": "q"}\n', "has 'prompt' but no 'completion'"),
+        ('{"completion": "a"}\n', "has 'completion' but no 'prompt'"),
         ('{"prompt": "q", "completion": 3}\n', "field 'completion' must be a string"),
         ('{"text": ["a"]}\n', "field 'text' must be a string"),
         ('{"text": "a", "prompt": "q", "completion": "a"}\n', "keep one shape"),
