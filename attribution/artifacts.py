@@ -79,6 +79,7 @@ def atomic_directory(final: str | Path, kind: str) -> Iterator[Path]:
     try:
         yield tmp
         write_json(tmp / MARKER, {"kind": kind, "excise_version": package_version()})
+        give_usual_modes(tmp)
         _replace_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -109,6 +110,15 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 def give_usual_mode(path: str | Path) -> None:
     """Make a file made by ``mkstemp`` (private) readable as files usually are."""
     os.chmod(path, 0o666 & ~_umask())
+
+
+def give_usual_modes(folder: str | Path) -> None:
+    """Every file and folder under ``folder`` with the modes the user's umask gives (some
+    writers, e.g. safetensors, create files readable by their owner only)."""
+    for path in Path(folder).rglob("*"):
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
 
 
 def _umask() -> int:

@@ -193,3 +193,24 @@ def test_sha256_file_tells_files_apart(tmp_path):
     (tmp_path / "a").write_bytes(b"same length 1")
     (tmp_path / "b").write_bytes(b"same length 2")
     assert sha256_file(tmp_path / "a") != sha256_file(tmp_path / "b")
+
+
+def test_files_written_private_get_the_umasks_usual_mode(tmp_path):
+    """safetensors creates files 0600; an artifact's files get the user's usual mode."""
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out", "demo") as folder:
+            save_file({"x": torch.zeros(2)}, str(folder / "weights.safetensors"))
+            (folder / "sub").mkdir(mode=0o700)
+            os.chmod(folder / "weights.safetensors", 0o600)  # as some writers leave it
+    finally:
+        os.umask(mask)
+    out = tmp_path / "out"
+    assert stat.S_IMODE((out / "weights.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((out / "sub").stat().st_mode) == 0o755
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
