@@ -35,6 +35,7 @@ from attribution.store import ScoreStore
 from excise.errors import BadInputError
 from excise.models import choose_device, load_model
 from excise.options import DAMPING_OPTIONS, FACTOR_FIELDS, add_options, from_options
+from excise.outputs import check_apart
 from excise.records import read_records
 
 KIND = "attribution"
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         query_rank=args.query_rank,
     )
     train, queries = read_records(args.train), read_records(args.query)
+    check_apart(args.out, [args.model, args.train, args.query])  # one rule for every command
     model, tokenizer = load_model(args.model)
     out = check_output_folder(args.out, KIND)
     model.to(choose_device(args.device))

@@ -183,3 +183,16 @@ def test_mismatched_tokenizer(files, tmp_path, capsys):
         str(tmp_path / "o"),
     )
     assert_one_line_error(result, "do not belong together")
+
+
+def test_out_inside_the_model_folder_is_refused_like_unlearns(files, tmp_path):
+    """One rule for every command (issue 15, item 10): --out apart from the inputs."""
+    before = sorted(p.name for p in files["model"].iterdir())
+    for out in (files["model"] / "scores", files["model"]):
+        result = run_cli(
+            "attribute",
+            *("--model", str(files["model"]), "--train", str(files["train"])),
+            *("--query", str(files["query"]), "--out", str(out)),
+        )
+        assert_one_line_error(result, "must be a folder apart from the inputs")
+    assert sorted(p.name for p in files["model"].iterdir()) == before
