@@ -23,6 +23,7 @@ killed run leaves nothing half-written.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -70,11 +71,15 @@ def atomic_directory(final: str | Path, kind: str) -> Iterator[Path]:
     """Build a folder under a temporary name, then rename it to ``final`` in one step.
 
     On an exception the temporary folder is removed and ``final`` is left as it was. An
-    existing ``final`` (empty, or an artifact of the same ``kind``) is replaced.
+    existing ``final`` (empty, or an artifact of the same ``kind``) is replaced. The
+    temporary name carries the process id; temporary folders of ``final`` left by a process
+    that no longer runs (killed) are removed first (:func:`remove_stale_temporaries`).
     """
     final = check_output_folder(final, kind)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    remove_stale_temporaries(final)
+    prefix = f".{final.name}.{os.getpid()}."
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; give it the usual mode
     try:
         yield tmp
@@ -84,6 +89,31 @@ def atomic_directory(final: str | Path, kind: str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_temporaries(final: Path) -> list[Path]:
+    """Remove ``.<final name>.<pid>.*.tmp`` folders beside ``final`` whose process is gone.
+
+    Only folders of this name whose pid no longer runs are touched (a live writer, here or
+    in another process, keeps its folder). Returns what was removed.
+    """
+    removed = []
+    for path in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+        pid = path.name[len(final.name) + 2 :].split(".", 1)[0]
+        if path.is_dir() and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def write_json(path: str | Path, data: Any) -> None:

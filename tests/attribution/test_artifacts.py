@@ -214,3 +214,22 @@ def test_files_written_private_get_the_umasks_usual_mode(tmp_path):
     assert stat.S_IMODE((out / "weights.safetensors").stat().st_mode) == 0o644
     assert stat.S_IMODE((out / "sub").stat().st_mode) == 0o755
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
+
+
+def test_temporaries_of_a_killed_writer_are_removed_and_a_live_ones_kept(tmp_path):
+    """After a kill -9 the hidden temporary folder stays; the next write of the same
+    output removes it, never one whose process still runs (issue 15, item 13)."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead = tmp_path / f".out.{int(gone.stdout)}.abc123.tmp"
+    live = tmp_path / f".out.{os.getpid()}.def456.tmp"
+    other = tmp_path / f".other.{int(gone.stdout)}.abc123.tmp"
+    for folder in (dead, live, other):
+        folder.mkdir()
+    with atomic_directory(tmp_path / "out", "demo") as folder:
+        assert folder.name.startswith(f".out.{os.getpid()}.")
+    assert not dead.exists() and live.exists() and other.exists()
+    assert (tmp_path / "out" / ".excise.json").is_file()
