@@ -64,12 +64,15 @@ def load_model(
     except Exception as err:  # transformers raises many types for unreadable tokenizers
         raise BadInputError(f"{path}: cannot load the tokenizer ({_first_line(err)})") from None
     try:
-        with no_transformers_progress_bars():
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype or torch.float32, **options
+        with no_transformers_progress_bars(), _transformers_errors_only():
+            model, report = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype or torch.float32, output_loading_info=True, **options
             )
     except Exception as err:  # and for unreadable configs or weights
+        if "ignore_mismatched_sizes" in str(err):  # its report (silenced here) names them
+            check_weights_match_config({"mismatched_keys": ["a tensor"]}, path)
         raise BadInputError(f"{path}: cannot load the model ({_first_line(err)})") from None
+    check_weights_match_config(report, path)
     check_tokenizer_fits(model, tokenizer, path)
     model.eval()
     return model, tokenizer
@@ -87,6 +90,45 @@ def no_transformers_progress_bars() -> Iterator[None]:
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+
+
+def check_weights_match_config(report: dict[str, Any], where: str | Path = "model") -> None:
+    """Refuse a model whose weight files and config.json disagree (transformers' loading
+    report: keys missing from the files are initialised at random, unexpected ones are
+    dropped, mismatched shapes are re-initialised — each would be a silently wrong model).
+
+    >>> check_weights_match_config({"missing_keys": [], "unexpected_keys": []})
+    >>> check_weights_match_config({"missing_keys": ["layers.3.w"]})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    excise.errors.BadInputError: model: config.json does not match the weights: 1 missing ...
+    """
+    problems = []
+    for key, what in (
+        ("missing_keys", "missing"),
+        ("unexpected_keys", "unexpected"),
+        ("mismatched_keys", "of another shape"),
+    ):
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in report.get(key) or ())
+        if keys:
+            problems.append(f"{len(keys)} {what} (e.g. {keys[0]})")
+    if problems:
+        raise BadInputError(
+            f"{where}: config.json does not match the weights: {', '.join(problems)}; fix the "
+            "config or the weight files"
+        )
+
+
+@contextlib.contextmanager
+def _transformers_errors_only() -> Iterator[None]:
+    """transformers' warnings (e.g. its multi-line load report) off; we report in one line."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def check_tokenizer_fits(model: Any, tokenizer: Any, where: str | Path = "model") -> None:

@@ -72,3 +72,27 @@ def test_tokenizer_of_another_model(tiny_world, tmp_path):
     tokenizer.save_pretrained(folder)
     with pytest.raises(BadInputError, match="do not belong together"):
         load_model(folder)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_hidden_layers": 4}, "18 missing (e.g. model.layers.2."),  # 2-layer weights
+        ({"num_hidden_layers": 1}, "9 unexpected (e.g. model.layers.1."),
+        ({"intermediate_size": 96}, "of another shape"),
+    ],
+)
+def test_a_config_that_disagrees_with_the_weights_is_refused_in_one_line(
+    tiny_world, tmp_path, capfd, change, message
+):
+    """Issue 15, items 2 and 12: no random layers, and no multi-line load report."""
+    import json
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_world / "base", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(BadInputError, match=r"config\.json does not match the weights") as info:
+        load_model(folder)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert "LOAD REPORT" not in capfd.readouterr().err
