@@ -258,7 +258,9 @@ def fit_factors(
         raise InputError("no examples to fit factors on")
     store = None
     if folder is not None:
-        store = FactorStore.open_for(folder, arguments, model, list(modules), fingerprint)
+        store = FactorStore.open_for(
+            folder, arguments, model, list(modules), fingerprint, train=examples
+        )
     tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
     seconds: dict[str, float] = {}
     for stage in STAGES[arguments.strategy]:

@@ -115,14 +115,18 @@ class FactorStore(TensorStore):
         model: nn.Module,
         modules: list[str],
         fingerprint: str | None = None,
+        train: Sequence[Any] | None = None,
     ) -> FactorStore:
-        """Open ``folder`` for these factors (``fingerprint``: the model's, if known)."""
+        """Open ``folder`` for these factors (``fingerprint``: the model's, if known;
+        ``train``: the examples they are fitted on — a folder begun on other data is
+        refused, never resumed)."""
         named = dict(model.named_modules())
         description = {
             "arguments": arguments.to_dict(),
             "modules": modules,
             "module_shapes": {name: list(layout_shape(named[name])) for name in modules},
             "model_fingerprint": fingerprint or model_fingerprint(model),
+            "train_sha256": examples_sha256(train) if train is not None else None,
             "excise_version": package_version(),
         }
         return cls.open(folder, description)
@@ -208,6 +212,14 @@ def read_description(folder: Path) -> dict[str, Any]:
         raise InputError(f"{folder}: unreadable arguments.json ({err})") from None
 
 
+DESCRIBED = {  # the words for a description's keys in a refusal
+    "train_sha256": "training data",
+    "queries_sha256": "queries",
+    "module_shapes": "module shapes",
+    "factor_arguments": "factor arguments",
+}
+
+
 def _check_matches(folder: Path, saved: dict[str, Any], wanted: dict[str, Any]) -> None:
     if saved.get("model_fingerprint") != wanted.get("model_fingerprint"):
         raise FactorMismatchError(f"{folder}: holds results for another model; use another folder")
@@ -221,5 +233,6 @@ def _check_matches(folder: Path, saved: dict[str, Any], wanted: dict[str, Any]) 
     for key, value in wanted.items():
         if key not in ("arguments", "excise_version") and saved.get(key) != value:
             raise FactorMismatchError(
-                f"{folder}: holds results for other {key}; use another folder"
+                f"{folder}: holds results for other {DESCRIBED.get(key, key)}; use another "
+                "folder (or the same inputs to resume)"
             )

@@ -197,5 +197,5 @@ def test_stored_scores_resume_by_partition_and_refuse_other_data(tmp_path, monke
         "pairwise.safetensors",
     ]
     assert ScoreStore(tmp_path / "s").metadata("pairwise")["query_ids"] == '["a", "b", "c"]'
-    with pytest.raises(FactorMismatchError, match="other train_sha256"):
+    with pytest.raises(FactorMismatchError, match="other training data"):
         stored_pairwise_scores(model, TASK, queries, train[:5], factors, tmp_path / "s", arguments)

@@ -87,6 +87,27 @@ def test_a_killed_run_resumes_from_its_finished_parts(tmp_path, monkeypatch):
     torch.testing.assert_close(resumed.tensors[module]["lambda"], fresh.tensors[module]["lambda"])
 
 
+def test_a_run_killed_on_one_training_set_is_not_resumed_on_another(tmp_path, monkeypatch):
+    """Issue 15, item 1: the covariance of the first data must not be reused silently."""
+    model = tiny_llama()
+    real = curvature.stage_sums
+
+    def dies_after_the_covariance(stage, *args, **kwargs):
+        if stage != "covariance":
+            raise Killed
+        return real(stage, *args, **kwargs)
+
+    monkeypatch.setattr(curvature, "stage_sums", dies_after_the_covariance)
+    with pytest.raises(Killed):
+        fit_factors(model, TASK, random_examples(8, seed=1), ARGS, folder=tmp_path / "f")
+    assert (tmp_path / "f" / "covariance.safetensors").exists()
+    monkeypatch.undo()
+    with pytest.raises(FactorMismatchError, match="holds results for other training data"):
+        fit_factors(model, TASK, random_examples(8, seed=2), ARGS, folder=tmp_path / "f")
+    # the same data resumes
+    fit_factors(model, TASK, random_examples(8, seed=1), ARGS, folder=tmp_path / "f")
+
+
 def test_other_arguments_are_refused(tmp_path):
     model = tiny_llama()
     fit_factors(model, TASK, random_examples(4), ARGS, folder=tmp_path / "f")
