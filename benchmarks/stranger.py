@@ -48,7 +48,7 @@ from attribution import FactorArguments, LanguageModelingTask, fit_factors, pair
 from attribution.data import subject_pool
 from benchmarks.common import machine_info, results_folder, write_report
 from unlearn import ScopeArguments, UnlearnArguments, scoped_edit
-from unlearn.guard import guard_indices
+from unlearn.guard import guard_indices, random_guard_indices, with_guard
 
 GUARD = 96
 SPARSITY = 0.05
@@ -138,15 +138,15 @@ def measure_world(
     factors = fit_factors(base, task, train, FactorArguments(), None, False)
     scores = pairwise_scores(base, task, splits["forget"], train, factors).total
     forget_ids = {r["id"] for r in splits["forget"]}
-    outside = [i for i, z in enumerate(train) if z["id"] not in forget_ids]
-    guards = {"influence": guard_indices(scores, guard, set(range(len(train))) - set(outside))}
+    own = {i for i, z in enumerate(train) if z["id"] in forget_ids}
+    guards = {"influence": guard_indices(scores, guard, own)}
     world = World(
         base, task, splits, train, target, factors, steps,
         TruthRatioMatch.to_holdout(base, task, splits["forget"], splits["holdout"]), utility,
     )  # fmt: skip
     rows = []
     for seed in seeds:
-        guards["random"] = random.Random(seed).sample(outside, len(guards["influence"]))
+        guards["random"] = random_guard_indices(len(train), len(guards["influence"]), own, seed)
         for config in configs:
             rows.append(_run(world, config, seed, guards[config.guard] if config.guard else []))
     return {
@@ -176,8 +176,8 @@ class World:
 
 def _run(world: World, config: Config, seed: int, chosen: list[int]) -> dict[str, Any]:
     base, task, splits = world.base, world.task, world.splits
-    held = {r["id"] for r in splits["retain"]}
-    added = [world.train[i] for i in chosen if world.train[i]["id"] not in held]
+    retain = with_guard(splits["retain"], [world.train[i] for i in chosen])
+    added = retain[len(splits["retain"]) :]
     model, started = copy.deepcopy(base), time.perf_counter()
     if config.method == "simnpo":
         arguments, criterion = UnlearnArguments(method="simnpo", steps=120, seed=seed), None
@@ -189,7 +189,7 @@ def _run(world: World, config: Config, seed: int, chosen: list[int]) -> dict[str
         )  # fmt: skip
     scope = ScopeArguments(method=config.scope, sparsity=config.sparsity, seed=seed)
     edit = scoped_edit(
-        model, task, splits["forget"], splits["retain"] + added, scope, arguments,
+        model, task, splits["forget"], retain, scope, arguments,
         world.factors, frozen=base, criterion=criterion, progress=False,
     )  # fmt: skip
     seconds = time.perf_counter() - started

@@ -348,7 +348,7 @@ def _add_forget_arguments(parser: argparse.ArgumentParser) -> None:
         default=GUARD_CHOICES[0],
         help="random: drawn at random (seeded); influence: those the edit is predicted to "
         "damage most. Measured: either cuts neighbour damage; influence did not beat random "
-        "(benchmarks/results/stranger.md) (default: random)",
+        "(benchmarks/results/stranger.md, stranger_guard288.md) (default: random)",
     )
     parser.add_argument(
         "--expand",
@@ -356,8 +356,6 @@ def _add_forget_arguments(parser: argparse.ArgumentParser) -> None:
         help="also forget the closure: training examples that support a forget record's "
         "answer as strongly as the record itself (near-duplicates, paraphrases)",
     )
-    # SimNPO in the ekfac scope: a small neighbour shift for its forgetting among the
-    # default-argument runs of benchmarks/unlearning.py (see benchmarks/results/).
     _add_unlearn_arguments(parser, data=False)
     _add_relearn_arguments(parser)
 

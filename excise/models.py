@@ -69,8 +69,11 @@ def load_model(
                 path, dtype=dtype or torch.float32, output_loading_info=True, **options
             )
     except Exception as err:  # and for unreadable configs or weights
-        if "ignore_mismatched_sizes" in str(err):  # its report (silenced here) names them
-            check_weights_match_config({"mismatched_keys": ["a tensor"]}, path)
+        if "ignore_mismatched_sizes" in str(err):  # raised (not reported) for other shapes
+            raise BadInputError(
+                f"{path}: config.json does not match the weights: tensors of another shape; "
+                "fix the config or the weight files"
+            ) from None
         raise BadInputError(f"{path}: cannot load the model ({_first_line(err)})") from None
     check_weights_match_config(report, path)
     check_tokenizer_fits(model, tokenizer, path)

@@ -37,14 +37,16 @@ def add_options(
     names: Mapping[str, str] | None = None,
     skip: tuple[str, ...] = (),
     defaults: Mapping[str, Any] | None = None,
+    helps: Mapping[str, str] | None = None,
 ) -> None:
     """An option per scalar field of ``cls`` (``--field-name`` unless ``names`` renames it).
 
     ``skip`` leaves fields out (the caller supplies them, e.g. the shared ``--seed``);
-    ``defaults`` overrides a field's default for this command (shown in the help). A
-    number that may be None (``float | None``) also takes ``none``.
+    ``defaults`` overrides a field's default for this command (shown in the help), and
+    ``helps`` a field's help. A number that may be None (``float | None``) also takes
+    ``none``.
     """
-    names, defaults = names or {}, defaults or {}
+    names, defaults, helps = names or {}, defaults or {}, helps or {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = _scalar(hints[f.name])
@@ -53,7 +55,7 @@ def add_options(
         if _optional(hints[f.name]) and kind is not str:
             kind = _or_none(kind)
         default = defaults.get(f.name, _default(f))
-        help_text = f.metadata.get("help", "")
+        help_text = helps.get(f.name, f.metadata.get("help", ""))
         if "default" not in help_text:  # the help may say it better (e.g. per method)
             shown = "none" if default is None else default
             help_text = f"{help_text} (default: {shown})".strip()

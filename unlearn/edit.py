@@ -88,9 +88,7 @@ def scoped_edit(
             factors,
             arguments.batch_size,
             progress,
-            forget_gradient=_scope_gradient(
-                model, task, forget, scope_arguments, arguments, frozen
-            ),
+            forget_gradient=_scope_gradient(model, task, forget, arguments, frozen),
         )
     result = unlearn(
         model,
@@ -118,13 +116,18 @@ def scoped_edit(
     )
 
 
-def _scope_gradient(model, task, forget, scope_arguments, arguments, frozen):
-    """ḡ_f of the method's own forget term, for scopes that rank by a gradient."""
+def _scope_gradient(model, task, forget, arguments, frozen):
+    """How to compute ḡ_f of the method's own forget term (None: the NLL's), for the scopes
+    that rank by a gradient (they call it; the others never do)."""
     gradient = METHODS[arguments.method].scope_gradient
-    if gradient is None or scope_arguments.method in ("all", "random", "magnitude"):
+    if gradient is None:
         return None
-    reference = frozen if frozen is not None else copy.deepcopy(model).eval()
-    return gradient(model, task, forget, arguments, reference)
+
+    def compute():
+        reference = frozen if frozen is not None else copy.deepcopy(model).eval()
+        return gradient(model, task, forget, arguments, reference)
+
+    return compute
 
 
 def unlearn(

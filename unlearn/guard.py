@@ -69,6 +69,16 @@ def random_guard_indices(
     return random.Random(seed).sample(outside, min(n, len(outside)))
 
 
+def with_guard(retain: Sequence[dict], guard: Sequence[dict]) -> list[dict]:
+    """The retain set and, after it, the guard records it does not hold already (by id).
+
+    >>> with_guard([{"id": "a"}], [{"id": "a"}, {"id": "b"}])
+    [{'id': 'a'}, {'id': 'b'}]
+    """
+    held = {r["id"] for r in retain}
+    return [*retain, *(z for z in guard if z["id"] not in held)]
+
+
 def closure_indices(scores: torch.Tensor, own: Sequence[int]) -> list[int]:
     """Training examples (not forget records) that some forget query's score ranks at or
     above that query's own record: ``scores`` [n_forget, n_train], ``own[q]`` the training

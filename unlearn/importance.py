@@ -155,13 +155,14 @@ def choose_scope(
     factors: Factors | None = None,
     batch_size: int = 16,
     progress: bool | None = None,
-    forget_gradient: Mapping[str, torch.Tensor] | None = None,
+    forget_gradient: Callable[[], Mapping[str, torch.Tensor]] | None = None,
 ) -> Scope:
     """The scope of ``arguments.method`` at ``arguments.sparsity``.
 
     ``factors`` are needed for ``ekfac``; ``all`` and a sparsity of 1 keep everything.
-    ``forget_gradient``: ḡ_f when the forget term is not the NLL's (e.g. the gradient of
-    the unlearning objective itself); by default the mean gradient of the task's loss.
+    ``forget_gradient()``: computes ḡ_f when the forget term is not the NLL's (e.g. the
+    gradient of the unlearning objective itself), called only by scopes that rank by it;
+    by default the mean gradient of the task's loss.
     """
     method = arguments.method
     if method == "all" or (arguments.sparsity == 1 and arguments.granularity == "parameter"):
@@ -171,8 +172,9 @@ def choose_scope(
     elif method == "random":
         scores = random_scores(model, arguments.seed)
     else:
-        g_f = forget_gradient
-        if g_f is None:
+        if forget_gradient is not None:
+            g_f = forget_gradient()
+        else:
             g_f = mean_gradient(model, task, forget, batch_size, progress, "forget gradient")
         if method == "saliency":
             scores = saliency_scores(g_f)

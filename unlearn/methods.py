@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from attribution.errors import InputError
-from attribution.task import Task, TokenScores, on_device, scored_batches
+from attribution.task import Task, TokenScores, scored_batches
 from unlearn import objectives, stranger
 from unlearn.importance import mean_gradient
 
@@ -142,8 +142,7 @@ def _rmu(step: Step) -> torch.Tensor:
 def _distill(step: Step) -> torch.Tensor:
     student = step.scores("forget")
     device = step.forget["input_ids"].device
-    teachers = step.task.collate([r[stranger.TEACHER] for r in step.forget_records])
-    teacher = step.frozen_scores(on_device(teachers, device))
+    teacher = stranger.teacher_scores(step.task, step.frozen, step.forget_records, device)
     forget_term = stranger.distillation_kl(student, teacher).mean()
     retain = step.scores("retain")
     reference = step.frozen_scores(step.retain)
@@ -165,9 +164,7 @@ def _distill_gradient(model, task, forget, arguments, frozen, progress=None):
     device = next(model.parameters()).device
 
     def loss(batch, first, last):
-        with torch.no_grad():
-            teachers = task.collate([p[stranger.TEACHER] for p in pairs[first:last]])
-            teacher = task.token_scores(frozen, on_device(teachers, device))
+        teacher = stranger.teacher_scores(task, frozen, pairs[first:last], device)
         return stranger.distillation_kl(task.token_scores(model, batch), teacher).sum()
 
     return mean_gradient(

@@ -38,7 +38,7 @@ import torch
 
 from attribution.data import subject_pool, substitute_subject
 from attribution.errors import InputError
-from attribution.task import Task
+from attribution.task import Task, on_device
 
 TEACHER = "_teacher"  # the key under which a student record carries its teacher record
 TEXT_FIELDS = ("prompt", "completion", "text")
@@ -200,6 +200,13 @@ def token_aligned(task: Task) -> Callable[[dict, dict], bool]:
         return same_length and int((labels[0] != -100).sum()) == int((labels[1] != -100).sum())
 
     return aligned
+
+
+def teacher_scores(task: Task, frozen: torch.nn.Module, students: Sequence[Mapping], device):
+    """The frozen original's token scores of the students' teacher records (no graph)."""
+    teachers = task.collate([r[TEACHER] for r in students])
+    with torch.no_grad():
+        return task.token_scores(frozen, on_device(teachers, device))
 
 
 def distillation_kl(student, teacher) -> torch.Tensor:

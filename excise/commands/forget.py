@@ -69,6 +69,7 @@ from unlearn.guard import (
     guard_indices,
     predicted_damage,
     random_guard_indices,
+    with_guard,
 )
 from unlearn.proof import state_hashes
 
@@ -356,12 +357,6 @@ def edit_sets(
     closure = chosen["closure"] or []  # run() refused --expand without them
     moved = {r["id"] for r in closure}
     return forget + closure, [r for r in retain if r["id"] not in moved]
-
-
-def with_guard(retain: list[dict], guard: list[dict]) -> list[dict]:
-    """The retain set and, after it, the guard records it does not hold already (by id)."""
-    held = {r["id"] for r in retain}
-    return retain + [z for z in guard if z["id"] not in held]
 
 
 def records_summary(records: list[dict], inputs: ForgetInputs) -> dict[str, Any]:

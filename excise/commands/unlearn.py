@@ -71,11 +71,14 @@ class EditOptions:
 def add_edit_options(parser: argparse.ArgumentParser) -> None:
     """Options from ScopeArguments, UnlearnArguments, Damping and FactorArguments' fields;
     the method and its recipe's settings default to :mod:`excise.recipes`."""
-    defaults = dict.fromkeys(RECIPE_FIELDS, BY_METHOD)
-    add_options(parser, UnlearnArguments, "unlearn", skip=("seed",), defaults=defaults)
-    for action in parser._actions:  # the method's default depends on the data
-        if action.dest == "unlearn.method":
-            action.help = f"the unlearning objective ({default_help()})"
+    add_options(
+        parser,
+        UnlearnArguments,
+        "unlearn",
+        skip=("seed",),
+        defaults=dict.fromkeys(RECIPE_FIELDS, BY_METHOD),
+        helps={"method": f"the unlearning objective ({default_help()})"},  # data-dependent
+    )
     add_options(parser, ScopeArguments, "scope", names={"method": "--scope"}, skip=("seed",))
     add_options(parser, Damping, "damping", names=DAMPING_OPTIONS)
     skip = tuple(f.name for f in fields(FactorArguments) if f.name not in FACTOR_FIELDS)

@@ -93,6 +93,19 @@ def test_factors_are_saved_and_reused_but_not_for_another_model(edited, tiny_wor
     assert not (tmp_path / "other").exists()
 
 
+OPTIONS_ONLY = {  # bad-input cases that differ from a good run by their options alone
+    "sparsity_zero": ("--sparsity", "0"),
+    "sparsity_above_one": ("--sparsity", "1.5"),
+    "unknown_method": ("--method", "forgetall"),
+    "unknown_scope": ("--scope", "everything"),
+    "distill_without_holdout": ("--method", "distill"),
+    "negative_damping": ("--damping", "-1"),
+    "negative_retain_budget": ("--retain-budget", "-1"),
+    "nan_retain_budget": ("--retain-budget", "nan"),
+    "nan_forget_target": ("--forget-target", "nan"),
+}
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
@@ -118,27 +131,17 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     tiny_world, tmp_path, capsys, case, message
 ):
     before = folder_hashes(tiny_world / "base")
-    out, extra, files = tmp_path / "out", [], {}
+    out, extra, files = tmp_path / "out", list(OPTIONS_ONLY.get(case, ())), {}
     if case == "empty_forget":
         files["forget"] = write_jsonl(tmp_path / "empty.jsonl", [])
     elif case == "same_sets":
         files["retain"] = tiny_world / "forget.jsonl"
-    elif case == "sparsity_zero":
-        extra = ["--sparsity", "0"]
-    elif case == "sparsity_above_one":
-        extra = ["--sparsity", "1.5"]
-    elif case == "unknown_method":
-        extra = ["--method", "forgetall"]
-    elif case == "unknown_scope":
-        extra = ["--scope", "everything"]
     elif case == "out_is_model":
         out = tiny_world / "base"
     elif case == "out_inside_model":
         out = tiny_world / "base" / "edited"
     elif case == "missing_forget":
         files["forget"] = tmp_path / "nope.jsonl"
-    elif case == "distill_without_holdout":
-        extra = ["--method", "distill"]
     elif case == "distill_holdout_without_subject":
         plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "Q", "completion": " A"}])
         extra = ["--method", "distill", "--holdout", str(plain)]
@@ -146,14 +149,6 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
         records = [{"id": "a", "prompt": "Q: what is x?\nA:", "completion": " y"}]
         files["forget"] = write_jsonl(tmp_path / "anonymous.jsonl", records)
         extra = ["--method", "distill", "--holdout", str(tiny_world / "holdout.jsonl")]
-    elif case == "negative_damping":
-        extra = ["--damping", "-1"]
-    elif case == "negative_retain_budget":
-        extra = ["--retain-budget", "-1"]
-    elif case == "nan_retain_budget":
-        extra = ["--retain-budget", "nan"]
-    elif case == "nan_forget_target":
-        extra = ["--forget-target", "nan"]
     try:
         code = unlearn_cli(tiny_world, out, *extra, **files)
     except SystemExit as exit_:  # argparse's usage errors
