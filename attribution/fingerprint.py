@@ -22,6 +22,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from attribution.precision import as_hashed, stored_dtypes
+
 
 def tensor_hash(tensor: torch.Tensor) -> str:
     """SHA-256 of a tensor's dtype, shape and bytes."""
@@ -32,8 +34,14 @@ def tensor_hash(tensor: torch.Tensor) -> str:
 
 
 def tensor_hashes(model: nn.Module) -> dict[str, str]:
-    """A hash per entry of the model's state dict (parameters and persistent buffers)."""
-    return {name: tensor_hash(tensor) for name, tensor in model.state_dict().items()}
+    """A hash per entry of the model's state dict (parameters and persistent buffers), of
+    each tensor as it is stored (:mod:`attribution.precision`: a bfloat16 checkpoint held
+    in float32 is hashed in bfloat16, so the hashes equal those of the file's tensors)."""
+    dtypes = stored_dtypes(model)
+    return {
+        name: tensor_hash(as_hashed(name, tensor, dtypes))
+        for name, tensor in model.state_dict().items()
+    }
 
 
 def model_fingerprint(model: nn.Module) -> str:

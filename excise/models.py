@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from attribution.precision import mark_stored
 from excise.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -51,8 +52,10 @@ def load_model(
 ) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a local folder; the model in eval mode on the CPU.
 
-    ``dtype`` is a ``torch.dtype`` (default: float32). The tokenizer must fit the model:
-    every token id it can produce must have a row in the model's input embedding.
+    ``dtype`` is a ``torch.dtype``. By default the model is held in float32 and each
+    tensor's dtype on disk is recorded (:mod:`attribution.precision`): a bfloat16 model
+    is computed in float32, hashed and saved in bfloat16. The tokenizer must fit the
+    model: every token id it can produce must have a row in the model's input embedding.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -77,8 +80,72 @@ def load_model(
         raise BadInputError(f"{path}: cannot load the model ({_first_line(err)})") from None
     check_weights_match_config(report, path)
     check_tokenizer_fits(model, tokenizer, path)
+    if dtype is None:
+        mark_stored(model, model_stored_dtypes(model, weight_dtypes(path)))
     model.eval()
     return model, tokenizer
+
+
+_SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def weight_dtypes(path: str | Path) -> dict[str, Any]:
+    """Tensor name → ``torch.dtype`` of every floating tensor in a folder's weight files.
+
+    Safetensors headers are read without reading the tensors; ``.bin`` files are mapped
+    (``mmap``, ``weights_only``), not loaded. An unreadable file gives no entries (the
+    loader has read it already, so this only happens for exotic layouts).
+    """
+    import torch
+
+    found: dict[str, Any] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        for name, entry in _safetensors_header(file).items():
+            dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype") if isinstance(entry, dict) else "")
+            if dtype and name != "__metadata__":
+                found[name] = getattr(torch, dtype)
+    if not found:
+        for file in sorted(Path(path).glob("pytorch_model*.bin")):
+            with contextlib.suppress(Exception):
+                state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+                found.update(
+                    {
+                        k: v.dtype
+                        for k, v in state.items()
+                        if torch.is_tensor(v) and v.is_floating_point()
+                    }
+                )
+    return found
+
+
+def model_stored_dtypes(model: Any, on_disk: dict[str, Any]) -> dict[str, Any]:
+    """State-dict name → the dtype its tensor had on disk.
+
+    Names are matched as written; when the files hold one floating dtype only, every
+    floating tensor of the model takes it (tensors renamed or tied by the loader came
+    from those files, so the cast back is exact).
+    """
+    state = model.state_dict()
+    kinds = set(on_disk.values())
+    if len(kinds) == 1:
+        (only,) = kinds
+        return {name: only for name, tensor in state.items() if tensor.is_floating_point()}
+    return {name: on_disk[name] for name in state if name in on_disk}
+
+
+def _safetensors_header(file: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (8-byte little-endian length, then JSON)."""
+    import json
+
+    try:
+        with file.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 0 < size < 100_000_000:
+                return {}
+            header = json.loads(handle.read(size))
+    except (OSError, ValueError):
+        return {}
+    return header if isinstance(header, dict) else {}
 
 
 @contextlib.contextmanager

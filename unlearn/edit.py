@@ -20,6 +20,7 @@ from torch import nn
 from attribution.curvature import Factors
 from attribution.errors import InputError
 from attribution.fingerprint import fingerprint_of
+from attribution.precision import round_to_stored
 from attribution.task import Task
 from unlearn.arguments import UnlearnArguments
 from unlearn.importance import choose_scope
@@ -63,7 +64,8 @@ def scoped_edit(
     ``before``: the per-tensor hashes of ``model`` when the caller has them already (each
     state is hashed once); ``frozen``: an unmodified copy of the original model for methods
     that compare with it (otherwise one is copied); ``criterion``: a calibrated stop (see
-    :func:`unlearn.loop.optimize`). Raises
+    :func:`unlearn.loop.optimize`). A model stored in 16-bit floats (see
+    :mod:`attribution.precision`) is rounded to them after the edit. Raises
     :class:`~unlearn.proof.ScopeViolation` if a tensor outside the scope changed.
 
     >>> import torch
@@ -102,6 +104,7 @@ def scoped_edit(
         frozen=frozen,
         criterion=criterion,
     )
+    round_to_stored(model)  # the model in memory is the model that will be saved
     after = state_hashes(model)
     proof = scope_proof(before, after, scope, model)
     check_proof(proof)

@@ -33,6 +33,7 @@ from attribution.artifacts import (
 )
 from attribution.curvature import Damping
 from attribution.data import subject_pool
+from attribution.precision import as_stored
 from excise.errors import BadInputError
 from excise.models import (
     check_model_folder,
@@ -245,7 +246,7 @@ def write_outputs(
     folder: Path, model, tokenizer, edit: ScopedEdit, inputs, seed, started
 ) -> dict[str, Any]:
     """The model folder, the scope file and the manifest, inside ``folder``."""
-    with no_transformers_progress_bars():
+    with no_transformers_progress_bars(), as_stored(model):  # in the input's dtype
         model.save_pretrained(folder / "model", safe_serialization=True)
         tokenizer.save_pretrained(folder / "model")
     scope = edit.scope

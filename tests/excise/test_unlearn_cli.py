@@ -199,3 +199,34 @@ def test_distill_infers_subjects_from_the_holdout_and_says_so(tiny_world, tmp_pa
     strangers = set(manifest["arguments"]["strangers"])
     assert strangers and strangers <= {r["subject"] for r in held}
     assert all("subject" not in json.loads(line) for line in forget.open())  # input untouched
+
+
+def test_a_bfloat16_model_stays_bfloat16_and_the_proof_hashes_its_files(tiny_world, tmp_path):
+    """Computed in float32, written in the input's dtype; every hash in the manifest is of
+    a tensor as it is on disk (input file before, output file after)."""
+    from transformers import AutoModelForCausalLM
+
+    from attribution.fingerprint import tensor_hash
+
+    folder = tmp_path / "bf16"
+    model = AutoModelForCausalLM.from_pretrained(tiny_world / "base", dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_world / "base" / name).exists():
+            (folder / name).write_bytes((tiny_world / "base" / name).read_bytes())
+    out = tmp_path / "out"
+    extra = ("--method", "gd", "--lr", "0.01", "--sparsity", "0.05", "--retain-budget", "none")
+    assert unlearn_cli(tiny_world, out, *extra, model=folder) == 0
+    original = load_file(folder / "model.safetensors")
+    unlearned = load_file(out / "model" / "model.safetensors")
+    assert {t.dtype for t in unlearned.values()} == {torch.bfloat16}
+    size = (out / "model" / "model.safetensors").stat().st_size
+    assert size < 1.01 * (folder / "model.safetensors").stat().st_size  # not float32's twice
+    assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows = {row["name"]: row for row in manifest["proof"]["per_tensor"]}
+    for name, tensor in original.items():
+        assert rows[name]["sha256_before"] == tensor_hash(tensor), name
+        assert rows[name]["sha256_after"] == tensor_hash(unlearned[name]), name
+    proof = manifest["proof"]
+    assert proof["holds"] and proof["changed_tensors"] > 0
