@@ -32,6 +32,7 @@ from attribution.influence import (
     top_k,
 )
 from attribution.store import ScoreStore
+from excise.context import check_fits_context, model_context
 from excise.errors import BadInputError
 from excise.models import choose_device, load_model
 from excise.options import DAMPING_OPTIONS, FACTOR_FIELDS, add_options, from_options
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_apart(args.out, [args.model, args.train, args.query])  # one rule for every command
     model, tokenizer = load_model(args.model)
     out = check_output_folder(args.out, KIND)
+    check_length(args.max_length, {"train": train, "query": queries}, tokenizer, model)
     model.to(choose_device(args.device))
     factor_arguments = _factor_arguments(args, model)
     task = LanguageModelingTask(tokenizer, max_length=args.max_length)
@@ -87,6 +89,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = topk_rows(scores.total, queries, train, k)
     write_topk(out, rows, RunDescription(args.model, args.train, score_arguments.damping), factors)
     return {"out": str(out), "queries": len(queries), "train": len(train), "rows": rows}
+
+
+def check_length(max_length: int | None, splits, tokenizer, model) -> None:
+    """Records must fit the model's context, unless ``--max-length`` (within it) cuts them."""
+    context = model_context(model)
+    if max_length is None:
+        hint = "shorten it, or pass --max-length N to cut every record to N tokens"
+        check_fits_context(splits, tokenizer, context, hint)
+    elif context is not None and max_length > context:
+        raise BadInputError(
+            f"--max-length {max_length}: more than the model's context of {context} tokens"
+        )
 
 
 def topk_rows(scores: torch.Tensor, queries: list[dict], train: list[dict], k: int) -> list[dict]:

@@ -32,6 +32,7 @@ from attribution.artifacts import (
     sha256_file,
 )
 from attribution.task import LanguageModelingTask
+from excise.context import check_fits_context, model_context
 from excise.errors import BadInputError
 from excise.models import check_model_folder, choose_device, load_model
 from excise.outputs import check_apart
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = check_new_output(args.out, [*folders.values(), *map(Path, files.values())])
     device = choose_device(args.device)
     models, tokenizer = load_audit_models(folders, device)
+    check_fits_context(splits, tokenizer, model_context(models["before"]))
     started = time.perf_counter()
     with atomic_directory(out, KIND) as folder:
         report, _ = audit_models(

@@ -58,6 +58,7 @@ from excise.commands.unlearn import (
     with_strangers,
     write_outputs,
 )
+from excise.context import check_fits_context, model_context
 from excise.errors import BadInputError
 from excise.home import default_ledger_path, excise_home
 from excise.models import check_model_folder, choose_device
@@ -123,6 +124,7 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
     out = check_new_output(args.out or _default_out(), _input_paths(inputs))
     folders = {"before": inputs.model, "reference": inputs.reference}
     models, tokenizer = load_audit_models(folders, choose_device(args.device))
+    check_fits_context(inputs.records, tokenizer, model_context(models["before"]))
     model, reference = models["before"], models.get("reference")
     factors = Factors.load(args.factors, model) if args.factors else None
     progress = False if args.quiet else None

@@ -34,6 +34,7 @@ from attribution.artifacts import (
 from attribution.curvature import Damping
 from attribution.data import subject_pool
 from attribution.precision import as_stored
+from excise.context import check_fits_context, model_context
 from excise.errors import BadInputError
 from excise.models import (
     check_model_folder,
@@ -150,6 +151,8 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
     out = check_new_output(args.out, inputs + ([Path(args.holdout)] if holdout else []))
     device = choose_device(args.device)
     model, tokenizer = load_model(model_dir)
+    sets = {"forget": forget, "retain": retain, **({"holdout": holdout} if holdout else {})}
+    check_fits_context(sets, tokenizer, model_context(model))
     model.to(device)
     factors = Factors.load(args.factors, model) if args.factors else None
     reference = check_model_folder(args.reference) if args.reference else None

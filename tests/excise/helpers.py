@@ -21,3 +21,9 @@ def folder_hashes(folder):
 def error_lines(stderr):
     """The non-blank lines of ``stderr``."""
     return [line for line in stderr.splitlines() if line.strip()]
+
+
+def long_record(words=80, id="long"):
+    """A record longer than the tiny world's context of 64 tokens (its tokenizer reads
+    one token per word)."""
+    return {"id": id, "prompt": "Question:", "completion": " word" * words}

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from excise.cli import main
 from excise.world import read_split
-from tests.excise.helpers import write_jsonl
+from tests.excise.helpers import long_record, write_jsonl
 
 from .test_cli import assert_one_line_error, run_cli
 
@@ -196,3 +196,21 @@ def test_out_inside_the_model_folder_is_refused_like_unlearns(files, tmp_path):
         )
         assert_one_line_error(result, "must be a folder apart from the inputs")
     assert sorted(p.name for p in files["model"].iterdir()) == before
+
+
+def test_a_record_longer_than_the_context_is_refused_unless_cut(files, tmp_path):
+    """Issue 15, item 8: one line before any work (no factors left behind); --max-length
+    within the context cuts every record instead."""
+    train = [json.loads(line) for line in files["train"].read_text().splitlines()]
+    long_train = write_jsonl(tmp_path / "long.jsonl", [*train[:8], long_record()])
+    base = ("--model", str(files["model"]), "--query", str(files["query"]))
+    out = tmp_path / "o"
+    result = run_cli("attribute", *base, "--train", str(long_train), "--out", str(out))
+    assert_one_line_error(result, "train record 'long': 84 tokens, more than the model's")
+    assert "--max-length" in result.stderr and not out.exists()
+    result = run_cli(
+        "attribute", *base, "--train", str(long_train), "--out", str(out), "--max-length", "65"
+    )
+    assert_one_line_error(result, "--max-length 65: more than the model's context of 64")
+    assert not out.exists()
+    assert attribute({**files, "train": long_train}, out, "--max-length", "32") == 0

@@ -17,7 +17,7 @@ from attribution.artifacts import artifact_kind, sha256_file
 from excise.cli import build_parser, main
 from excise.commands.audit import load_splits
 from excise.commands.ledger import record_request
-from tests.excise.helpers import error_lines, folder_hashes, write_jsonl
+from tests.excise.helpers import error_lines, folder_hashes, long_record, write_jsonl
 
 SPLITS = ("forget", "retain", "neighbor", "world", "holdout")
 N = 4  # records per split
@@ -206,6 +206,7 @@ def odd_models(tiny_world, tmp_path_factory):
         ("batch_size_zero", "--batch-size must be at least 1"),
         ("negative_relearn_steps", "--relearn-steps must be 0"),
         ("no_retain", "required: --retain"),
+        ("record_past_context", "world record 'long': 84 tokens, more than the model's context"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(
@@ -238,6 +239,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
         (out / "notes.txt").write_text("precious")
     elif case == "batch_size_zero":
         extra = ["--batch-size", "0"]
+    elif case == "record_past_context":
+        files["world"] = write_jsonl(tmp_path / "long.jsonl", [long_record()])
     elif case == "negative_relearn_steps":
         extra = ["--relearn-steps", "-1"]
     elif case == "no_retain":

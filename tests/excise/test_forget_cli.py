@@ -13,7 +13,7 @@ from safetensors import safe_open
 from analysis.ledger import Ledger
 from attribution.artifacts import sha256_file
 from excise.cli import FORGET_GUARD, main
-from tests.excise.helpers import error_lines
+from tests.excise.helpers import error_lines, long_record, write_jsonl
 
 
 @pytest.fixture
@@ -222,6 +222,7 @@ def test_default_out_is_under_excise_home(home, tmp_path, world_run, capsys):
         ("bad_sparsity", "sparsity"),
         ("negative_guard", "--guard -1"),
         ("expand_without_forget_in_train", "--expand needs every forget record"),
+        ("record_past_context", "train record 'long': 84 tokens, more than the model's context"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tiny_world, home, tmp_path, capsys, case, message):
@@ -253,6 +254,10 @@ def test_bad_input_exits_2_with_one_line(tiny_world, home, tmp_path, capsys, cas
         extra = ["--guard", "-1"]
     elif case == "expand_without_forget_in_train":
         extra = ["--expand", "--train", str(tiny_world / "retain.jsonl")]
+    elif case == "record_past_context":
+        retain = [json.loads(line) for line in (tiny_world / "retain.jsonl").open()]
+        train = write_jsonl(tmp_path / "train.jsonl", [*retain, long_record()])
+        extra = ["--train", str(train)]
     capsys.readouterr()  # what building the inputs printed
     code = forget_cli(*data, *extra, "--out", str(out), "--ledger", str(ledger))
     assert code == 2

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from attribution.artifacts import sha256_file
 from excise.cli import main
-from tests.excise.helpers import error_lines, folder_hashes, write_jsonl
+from tests.excise.helpers import error_lines, folder_hashes, long_record, write_jsonl
 from unlearn import Scope
 
 
@@ -125,6 +125,7 @@ OPTIONS_ONLY = {  # bad-input cases that differ from a good run by their options
         ("negative_retain_budget", "retain_budget must be a finite number >= 0 or none"),
         ("nan_retain_budget", "retain_budget must be a finite number >= 0 or none"),
         ("nan_forget_target", "forget_target must be a finite number >= 0 or none"),
+        ("record_past_context", "forget record 'long': 84 tokens, more than the model's context"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(
@@ -142,6 +143,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
         out = tiny_world / "base" / "edited"
     elif case == "missing_forget":
         files["forget"] = tmp_path / "nope.jsonl"
+    elif case == "record_past_context":
+        files["forget"] = write_jsonl(tmp_path / "long.jsonl", [long_record()])
     elif case == "distill_holdout_without_subject":
         plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "Q", "completion": " A"}])
         extra = ["--method", "distill", "--holdout", str(plain)]

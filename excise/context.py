@@ -1,0 +1,78 @@
+"""Records must fit the model's context window, checked before any work starts.
+
+A record longer than the model's context is an error, not something to cut silently: a
+model with learned positions (GPT-2) fails deep inside a forward pass, and one with
+rotary positions (Llama) scores tokens at positions it never saw. Every text a command
+scores is measured — the prompt with the completion, and with each paraphrased or
+perturbed completion, and the reworded prompt — plus the end-of-sequence token that
+:func:`attribution.data.encode_record` appends.
+
+>>> records = {"forget": [{"id": "a", "prompt": "Q", "completion": " A"}]}
+>>> try:
+...     check_fits_context(records, lambda texts: {"input_ids": [[1] * 90] * len(texts)}, 64)
+... except BadInputError as err:
+...     print(err)
+forget record 'a': 91 tokens, more than the model's context of 64; shorten it
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from excise.errors import BadInputError
+
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
+
+
+def model_context(model: Any) -> int | None:
+    """The longest input the model takes (tokens), from its config; None if it names none."""
+    config = getattr(model, "config", None)
+    for name in CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def record_texts(record: Mapping[str, Any]) -> list[str]:
+    """Every prompt-and-answer text of a record that a command may score or generate."""
+    if "text" in record:
+        return [record["text"]]
+    prompts = [record["prompt"]]
+    if "paraphrased_prompt" in record:
+        prompts.append(record["paraphrased_prompt"])
+    answers = [record["completion"], *record.get("perturbed_completions", ())]
+    if "paraphrased_completion" in record:
+        answers.append(record["paraphrased_completion"])
+    return [prompt + answer for prompt in prompts for answer in answers]
+
+
+def check_fits_context(
+    splits: Mapping[str, Sequence[Mapping[str, Any]]],
+    tokenizer: Any,
+    context: int | None,
+    hint: str = "shorten it",
+) -> None:
+    """Refuse, naming the first record, any record with a text longer than ``context``.
+
+    ``tokenizer`` is called on a list of strings (a Hugging Face tokenizer); ``hint`` ends
+    the message (what the user can do). ``context`` None: nothing to check.
+    """
+    if context is None:
+        return
+    for split, records in splits.items():
+        texts, owners = [], []
+        for record in records:
+            variants = record_texts(record)
+            texts += variants
+            owners += [record] * len(variants)
+        if not texts:
+            continue
+        lengths = [len(ids) + 1 for ids in tokenizer(texts)["input_ids"]]  # + end of sequence
+        for length, record in zip(lengths, owners, strict=True):
+            if length > context:
+                raise BadInputError(
+                    f"{split} record {record.get('id')!r}: {length} tokens, more than the "
+                    f"model's context of {context}; {hint}"
+                )
