@@ -15,7 +15,9 @@
   after, with bootstrap intervals and the most shifted records;
 - ``parameters``: per-tensor change (count, fraction, L2, bit-identical);
 - ``relearning``: how much of the forget set a few fine-tuning steps bring back;
-- ``headline``: the numbers a reader looks at first.
+- ``headline``: the numbers a reader looks at first;
+- ``warnings``: what about the inputs a reader should know (forget records that another
+  split also holds), one sentence each.
 
 Every record is batched and scored through one :class:`~attribution.task.Task`
 (``task.collate`` and ``task.token_scores``; :mod:`analysis.scoring`), so a custom task
@@ -59,6 +61,7 @@ from analysis.truth import (
 )
 from analysis.utility import model_utility, normalised_probability_metric, probability_metric
 from attribution.artifacts import package_version, utc_timestamp
+from attribution.data import shared_records
 from attribution.errors import InputError
 from attribution.fingerprint import model_fingerprint
 from attribution.progress import evaluating
@@ -141,6 +144,7 @@ def audit(
             "splits": {
                 s: {"n": len(r), "sha256": (split_hashes or {}).get(s)} for s, r in splits.items()
             },
+            "warnings": overlap_warnings(splits),
             "metrics": {
                 s: {r: roles[r].metrics[s] for r in roles} for s in METRIC_SPLITS if s in splits
             },
@@ -433,6 +437,31 @@ def check_same_architecture(
                 f"the {a} and {b} models differ: parameter {name} has shape {shape} vs "
                 f"{shapes_b[name]}; {hint}"
             )
+
+
+def overlap_warnings(splits: Mapping[str, Sequence[Any]]) -> list[str]:
+    """One sentence per split that holds some of the forget records (the same text).
+
+    >>> splits = {"forget": [{"id": "a", "text": "x"}], "retain": [{"id": "b", "text": "x"}]}
+    >>> overlap_warnings(splits)[0][:65]
+    "1 of the 1 forget records are also in the retain split (e.g. 'a')"
+    """
+    forget, sentences = splits["forget"], []
+    for name, records in splits.items():
+        shared = shared_records(forget, records) if name != "forget" else []
+        if shared:
+            why = OVERLAP_MEANS.get(name, "its figures mix the two")
+            sentences.append(
+                f"{len(shared)} of the {len(forget)} forget records are also in the {name} "
+                f"split (e.g. {shared[0]!r}): {why}"
+            )
+    return sentences
+
+
+OVERLAP_MEANS = {
+    "retain": "they are asked to be forgotten and kept at once",
+    "holdout": "membership inference counts them as never trained on",
+}
 
 
 def check_same_tokenizer(

@@ -175,7 +175,9 @@ def _header(report: Mapping[str, Any]) -> str:
     ]
     return (
         f"<header><h1>excise audit report</h1><p>created {_e(report.get('created_utc', '?'))}"
-        f" · excise {_e(report.get('excise_version', '?'))}</p></header>\n"
+        f" · excise {_e(report.get('excise_version', '?'))}</p>"
+        + "".join(f'<p class="warn">warning: {_e(w)}</p>' for w in warnings_of(report))
+        + "</header>\n"
         + _section_body(
             "models",
             "Models and data",
@@ -610,7 +612,7 @@ thead th{background:#eef0f6}tbody tr:nth-child(even){background:#f8f9fc}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .text{display:inline-block;max-width:380px;overflow-wrap:anywhere;white-space:pre-wrap}
 code{font-size:12px;overflow-wrap:anywhere}
-.na{color:#8a5a00;font-style:italic}.guide{color:#555;max-width:900px}
+.na{color:#8a5a00;font-style:italic}.warn{color:#9b1c1c;font-weight:600}.guide{color:#555;max-width:900px}
 #headline table{font-size:14px}#headline td:nth-child(2){font-weight:600;white-space:nowrap}
 figure{margin:12px 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{color:#555;font-size:12px}details{margin:8px 0}summary{cursor:pointer;font-weight:600}
@@ -635,10 +637,19 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "|---|---|---|",
     ]
     lines += [f"| {_md(a)} | {_md(b)} | {_md(c)} |" for a, b, c in headline_rows(report)]
+    warnings = warnings_of(report)
+    if warnings:
+        lines += ["", "## Warnings", ""] + [f"- {_md(w)}" for w in warnings]
     lines += ["", "## Where things stand", ""]
     lines += [f"- {_md(line)}" for line in _standing(report)]
     lines += ["", "Every number and plot: report.json and report.html in this folder."]
     return "\n".join(lines) + "\n"
+
+
+def warnings_of(report: Mapping[str, Any]) -> list[str]:
+    """The report's warnings (sentences about its inputs), as strings."""
+    found = report.get("warnings")
+    return [str(w) for w in found] if isinstance(found, list) else []
 
 
 def _standing(report: Mapping[str, Any]) -> list[str]:

@@ -137,3 +137,29 @@ def substitute_subject(record: Mapping[str, Any], subject: str, name: str) -> di
     if out.get("subject") == subject:
         out["subject"] = name
     return out
+
+
+def trained_text(record: Any) -> Any:
+    """What a record trains on: its text, or its prompt and completion (ids and other
+    fields aside); any other example as it is."""
+    if isinstance(record, Mapping):
+        if "text" in record:
+            return ("text", record["text"])
+        if "completion" in record:
+            return (record.get("prompt", ""), record["completion"])
+        return repr(sorted(record.items()))
+    return repr(record)
+
+
+def shared_records(records: Sequence[Any], others: Sequence[Any]) -> list[Any]:
+    """The records of ``records`` that ``others`` also holds (the same trained text), as
+    their ids (the records themselves when they have none), in order.
+
+    >>> a = [{"id": "1", "prompt": "Q", "completion": " A"}, {"id": "2", "text": "T"}]
+    >>> shared_records(a, [{"id": "9", "prompt": "Q", "completion": " A"}])
+    ['1']
+    """
+    held = {trained_text(r) for r in others}
+    return [
+        r.get("id", r) if isinstance(r, Mapping) else r for r in records if trained_text(r) in held
+    ]

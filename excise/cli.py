@@ -213,9 +213,10 @@ def _add_unlearn_arguments(parser: argparse.ArgumentParser, data: bool = True) -
 
 def _run_unlearn(args: argparse.Namespace) -> int:
     from excise.commands import unlearn
+    from excise.errors import WARNING
 
     def note(message: str) -> None:
-        if not args.quiet:
+        if not args.quiet or message.startswith(WARNING):  # warnings show even when quiet
             print(f"excise unlearn: {message}", file=sys.stderr)
 
     manifest = unlearn.run(args, note)
@@ -363,9 +364,10 @@ def _add_forget_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_forget(args: argparse.Namespace) -> int:
     from analysis.report import headline_rows
     from excise.commands import forget
+    from excise.errors import WARNING
 
     def note(message: str) -> None:
-        if not args.quiet:
+        if not args.quiet or message.startswith(WARNING):  # warnings show even when quiet
             print(f"excise forget: {message}", file=sys.stderr)
 
     summary = forget.run(args, note)

@@ -16,3 +16,13 @@ from attribution.errors import InputError
 
 class BadInputError(InputError):
     """A file, folder or argument given to excise is wrong (one-line message)."""
+
+
+WARNING = "warning: "  # a note that starts so is shown even with --quiet
+
+
+def warn(note, sentences: list[str]) -> list[str]:
+    """Pass each sentence to ``note`` as a warning; returns them (for the run's records)."""
+    for sentence in sentences:
+        note(WARNING + sentence)
+    return sentences

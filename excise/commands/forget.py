@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analysis.audit import check_splits
+from analysis.audit import check_splits, overlap_warnings
 from analysis.ledger import Ledger, LedgerEntry
 from analysis.report import write_report
 from analysis.shift import foresight
@@ -59,7 +59,7 @@ from excise.commands.unlearn import (
     write_outputs,
 )
 from excise.context import check_fits_context, model_context
-from excise.errors import BadInputError
+from excise.errors import BadInputError, warn
 from excise.home import default_ledger_path, excise_home
 from excise.models import check_model_folder, choose_device
 from excise.outputs import check_new_output
@@ -117,6 +117,7 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
             f"--expand needs every forget record in the training set (--train); {len(missing)} "
             f"are not, e.g. {missing[0]!r}"
         )
+    warnings = warn(note, overlap_warnings(inputs.splits) + _untrained(missing, inputs))
     options, distilled = with_strangers(
         options, inputs.records.get("holdout"), inputs.records["forget"], note
     )
@@ -192,9 +193,11 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
                 progress=progress,
             )
             report["foresight"] = influence_foresight(chosen["damage"], inputs, report)
+            report["warnings"] = warnings  # the audit's, and what only this run knows
             write_report(report, folder)
         summary = _summary(inputs, attribution, manifest, report, timings, args.seed, out)
         summary["expanded"] = bool(args.expand)
+        summary["warnings"] = warnings
         write_json(folder / "forget.json", summary)
     with _timed(timings, "record", note):
         entry = ledger.record(_ledger_entry(manifest, report, inputs, out))
@@ -392,6 +395,18 @@ def attribution_summary(rows: list[dict], forget: list[dict], train: list[dict],
         "chance": in_train / len(train) if train else None,
         "forget_records_in_train": in_train,
     }
+
+
+def _untrained(missing: list[str], inputs: ForgetInputs) -> list[str]:
+    """The warning for forget records that the training set (--train) does not hold."""
+    if not missing:
+        return []
+    n = len(inputs.records["forget"])
+    return [
+        f"{len(missing)} of the {n} forget records are not in the training set (--train), "
+        f"e.g. {missing[0]!r}: attribution cannot rank them among the training examples, "
+        "and their closure is not computed"
+    ]
 
 
 def _check_unique_train_ids(train: list[dict]) -> None:

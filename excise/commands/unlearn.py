@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from analysis.audit import overlap_warnings
 from analysis.calibration import TruthRatioMatch
 from attribution import FactorArguments, Factors, LanguageModelingTask, fit_factors
 from attribution.artifacts import (
@@ -35,7 +36,7 @@ from attribution.curvature import Damping
 from attribution.data import subject_pool
 from attribution.precision import as_stored
 from excise.context import check_fits_context, model_context
-from excise.errors import BadInputError
+from excise.errors import BadInputError, warn
 from excise.models import (
     check_model_folder,
     choose_device,
@@ -145,6 +146,7 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
     model_dir = check_model_folder(args.model)
     forget, retain = read_records(args.forget), read_records(args.retain)
     check_sets(forget, retain)
+    warnings = warn(note, overlap_warnings({"forget": forget, "retain": retain}))
     holdout = read_records(args.holdout) if args.holdout else None
     options, forget = with_strangers(options, holdout, forget, note)
     inputs = [model_dir, Path(args.forget), Path(args.retain)]
@@ -179,7 +181,9 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
             "factors": str(args.factors) if args.factors else None,
             "reference": str(reference) if reference else None,
         }
-        manifest = write_outputs(folder, model, tokenizer, edit, inputs, args.seed, started)
+        manifest = write_outputs(
+            folder, model, tokenizer, edit, inputs, args.seed, started, warnings
+        )
     manifest["out"] = str(out)
     return manifest
 
@@ -246,9 +250,10 @@ def calibrated_stop(arguments, model, task, forget, reference, holdout) -> Truth
 
 
 def write_outputs(
-    folder: Path, model, tokenizer, edit: ScopedEdit, inputs, seed, started
+    folder: Path, model, tokenizer, edit: ScopedEdit, inputs, seed, started, warnings=()
 ) -> dict[str, Any]:
-    """The model folder, the scope file and the manifest, inside ``folder``."""
+    """The model folder, the scope file and the manifest, inside ``folder``; ``warnings``:
+    sentences about the inputs, recorded in the manifest."""
     with no_transformers_progress_bars(), as_stored(model):  # in the input's dtype
         model.save_pretrained(folder / "model", safe_serialization=True)
         tokenizer.save_pretrained(folder / "model")
@@ -273,6 +278,7 @@ def write_outputs(
         "output": {"fingerprint": edit.fingerprint_after},
         "result": edit.result.to_dict(),
         "proof": edit.proof,
+        "warnings": list(warnings),
         "seconds": round(time.perf_counter() - started, 3),
     }
     write_json(folder / "manifest.json", manifest)

@@ -67,6 +67,10 @@ def sample_report(
             else None,
         },
         "splits": {s: {"n": n, "sha256": _hex(rng)} for s, n in sizes.items()},
+        "warnings": [
+            f"2 of the 40 forget records are also in the retain split (e.g. {nasty or 'f1'!r}): "
+            "they are asked to be forgotten and kept at once"
+        ],
         "metrics": metrics,
         "forget_quality": {r: _forget_quality(metrics, r, reference) for r in ("before", "after")},
         "model_utility": utility,

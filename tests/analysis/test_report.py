@@ -142,6 +142,17 @@ def test_data_strings_are_escaped_and_the_page_is_self_contained(written):
     assert all(v.startswith("data:") for v in re.findall(r'(?:src|href)="([^"]*)"', page))
 
 
+def test_warnings_lead_the_page_and_the_summary(written, nasty_report):
+    _, paths = written
+    page = paths.html.read_text(encoding="utf-8")
+    header = page.split("</header>")[0]
+    assert '<p class="warn">warning: 2 of the 40 forget records are also in the retain' in header
+    assert html.escape(XSS, quote=True) in header  # escaped like every data string
+    summary = render_markdown(nasty_report)
+    assert "## Warnings" in summary and "forgotten and kept at once" in summary
+    assert "## Warnings" not in render_markdown({**nasty_report, "warnings": []})
+
+
 def test_unavailable_sections_say_so(bare_report, tmp_path):
     page = render_html(bare_report)
     assert "not available: no reference model" in page

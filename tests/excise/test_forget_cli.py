@@ -107,32 +107,47 @@ def test_the_request_is_in_the_ledger_and_the_report_path_printed(world_run):
     assert Ledger(ledger_path, create=False).verify() == 1
 
 
-def test_user_files_without_a_reference(tiny_world, home, tmp_path):
-    """--model/--forget/--retain only: forget quality is marked unavailable, not invented."""
-    files = {}
-    for split, n in (("forget", 6), ("retain", 24)):
-        lines = (tiny_world / f"{split}.jsonl").read_text().splitlines()[:n]
-        files[split] = tmp_path / f"{split}.jsonl"
-        files[split].write_text("\n".join(lines) + "\n")
+def test_user_files_without_a_reference(tiny_world, home, tmp_path, capsys):
+    """--model/--forget/--retain only: forget quality is marked unavailable, not invented.
+
+    The retain set also holds two forget records, and --train holds only the retain set:
+    the run goes on, with one warning line each (even under --quiet), in the report
+    (JSON, HTML, Markdown) and forget.json (issue 15, item 15).
+    """
+    rows = {s: (tiny_world / f"{s}.jsonl").read_text().splitlines() for s in ("forget", "retain")}
+    files = {
+        "forget": tmp_path / "forget.jsonl",
+        "retain": tmp_path / "retain.jsonl",
+    }
+    files["forget"].write_text("\n".join(rows["forget"][:6]) + "\n")
+    files["retain"].write_text("\n".join(rows["retain"][:24] + rows["forget"][:2]) + "\n")
     before = sha256_file(files["forget"])
     out = tmp_path / "out"
+    capsys.readouterr()
     code = forget_cli(
-        "--model",
-        str(tiny_world / "base"),
-        "--forget",
-        str(files["forget"]),
-        "--retain",
-        str(files["retain"]),
-        "--out",
-        str(out),
-        "--ledger",
-        str(tmp_path / "ledger.sqlite"),
+        *("--model", str(tiny_world / "base"), "--forget", str(files["forget"])),
+        *("--retain", str(files["retain"]), "--train", str(files["retain"])),
+        *("--out", str(out), "--ledger", str(tmp_path / "ledger.sqlite")),
     )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["forget_quality"]["after"]["available"] is False
     assert "neighbor" not in report["shift"]
     assert sha256_file(files["forget"]) == before
+    first = json.loads(rows["forget"][0])["id"]
+    expected = [
+        f"2 of the 6 forget records are also in the retain split (e.g. {first!r}): they are "
+        "asked to be forgotten and kept at once",
+        "4 of the 6 forget records are not in the training set (--train), e.g. "
+        f"{json.loads(rows['forget'][2])['id']!r}: attribution cannot rank them among the "
+        "training examples, and their closure is not computed",
+    ]
+    assert report["warnings"] == expected
+    assert json.loads((out / "forget.json").read_text())["warnings"] == expected
+    stderr = error_lines(capsys.readouterr().err)
+    assert stderr == [f"excise forget: warning: {w}" for w in expected]
+    assert "forgotten and kept at once" in (out / "report.html").read_text()
+    assert "## Warnings" in (out / "report.md").read_text()
 
 
 def test_default_out_is_under_excise_home(home, tmp_path, world_run, capsys):

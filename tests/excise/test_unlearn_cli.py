@@ -233,3 +233,21 @@ def test_a_bfloat16_model_stays_bfloat16_and_the_proof_hashes_its_files(tiny_wor
         assert rows[name]["sha256_after"] == tensor_hash(unlearned[name]), name
     proof = manifest["proof"]
     assert proof["holds"] and proof["changed_tensors"] > 0
+
+
+def test_shared_forget_and_retain_records_run_with_one_warning(tiny_world, tmp_path, capsys):
+    """Issue 15, item 15: a warning line (shown under --quiet) and the manifest says it."""
+    forget = [json.loads(line) for line in (tiny_world / "forget.jsonl").open()][:4]
+    retain = [json.loads(line) for line in (tiny_world / "retain.jsonl").open()][:20]
+    files = {
+        "forget": write_jsonl(tmp_path / "forget.jsonl", forget),
+        "retain": write_jsonl(tmp_path / "retain.jsonl", [*retain, forget[1]]),
+    }
+    capsys.readouterr()
+    assert unlearn_cli(tiny_world, tmp_path / "out", "--scope", "all", **files) == 0
+    warning = (
+        f"1 of the 4 forget records are also in the retain split (e.g. {forget[1]['id']!r}): "
+        "they are asked to be forgotten and kept at once"
+    )
+    assert error_lines(capsys.readouterr().err) == [f"excise unlearn: warning: {warning}"]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["warnings"] == [warning]
