@@ -16,8 +16,16 @@ What the file guarantees:
   writer killed at any point leaves either the whole row or nothing;
 - no lost rows under concurrency: the file is in WAL mode and writers wait for the lock
   (busy timeout) instead of failing, so concurrent processes all get their row in;
+- newest rows cannot vanish unseen: the chain's head (row count and last hash) is kept in
+  a second place, a head file beside the database (``ledger.sqlite.head``), written after
+  every row while the write lock is held; :meth:`Ledger.verify` refuses a ledger with fewer
+  rows than its head file records, or another hash at that row (the head file may lag by a
+  row when a writer was killed between the two, never lead). Each ``excise forget`` run
+  also keeps its own row's id and hash in its folder (``ledger.json``), which
+  ``excise ledger verify RUN_DIR...`` checks against the ledger;
 - a file that is not an excise ledger (another database, or not SQLite at all) is refused
-  and left untouched.
+  and left untouched; a ledger that cannot be written is refused before a run starts
+  (:meth:`Ledger.check_writable`).
 
 >>> import tempfile, pathlib
 >>> ledger = Ledger(pathlib.Path(tempfile.mkdtemp()) / "ledger.sqlite")
@@ -29,6 +37,8 @@ What the file guarantees:
 (1, 2)
 >>> [e.id for e in ledger.list()], ledger.get(2).headline, ledger.verify()
 ([1, 2], {'forget_quality': 0.42}, 2)
+>>> ledger.head()["count"], ledger.head()["head_sha256"] == ledger.get(2).entry_sha256
+(2, True)
 """
 
 from __future__ import annotations
@@ -39,15 +49,18 @@ import hashlib
 import json
 import os
 import sqlite3
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from analysis.report import json_safe
-from attribution.artifacts import package_version, utc_timestamp
+from attribution.artifacts import package_version, utc_timestamp, write_bytes
 from attribution.errors import InputError
 
 FORMAT = "excise-ledger/1"
+HEAD_FORMAT = "excise-ledger-head/1"
+HEAD_SUFFIX = ".head"  # the head file: the database's name with this suffix
 GENESIS = "0" * 64  # the "previous hash" of the first row
 BUSY_TIMEOUT_S = 60.0  # how long a writer waits for another one to finish
 
@@ -163,16 +176,70 @@ class Ledger:
         """Append one request in a single transaction; returns its id."""
         entry = _as_entry(entry)
         values = _row_values(entry)
-        with self._connection() as con, _transaction(con):
-            last = con.execute("SELECT entry_sha256 FROM requests ORDER BY id DESC LIMIT 1")
-            previous = (last.fetchone() or (GENESIS,))[0]
-            digest = _chain_hash(previous, values)
-            cursor = con.execute(
-                f"INSERT INTO requests ({', '.join(_COLUMNS)}, previous_sha256, entry_sha256) "
-                f"VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})",
-                (*(values[c] for c in _COLUMNS), previous, digest),
-            )
+        with self._connection() as con:
+            with _transaction(con):
+                last = con.execute("SELECT entry_sha256 FROM requests ORDER BY id DESC LIMIT 1")
+                previous = (last.fetchone() or (GENESIS,))[0]
+                digest = _chain_hash(previous, values)
+                cursor = con.execute(
+                    f"INSERT INTO requests ({', '.join(_COLUMNS)}, previous_sha256, "
+                    f"entry_sha256) VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})",
+                    (*(values[c] for c in _COLUMNS), previous, digest),
+                )
+            with _transaction(con):  # the lock again: heads are written in order
+                self._write_head(con)
         return int(cursor.lastrowid)
+
+    @property
+    def head_path(self) -> Path:
+        """The head file beside the database."""
+        return self.path.with_name(self.path.name + HEAD_SUFFIX)
+
+    def head(self) -> dict[str, Any] | None:
+        """The head file's record (``count``, ``head_sha256``), or None when there is none."""
+        try:
+            data = json.loads(self.head_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            raise LedgerError(f"ledger head {self.head_path}: unreadable ({error})") from None
+        if (
+            not isinstance(data, dict)
+            or data.get("format") != HEAD_FORMAT
+            or not isinstance(data.get("count"), int)
+            or not isinstance(data.get("head_sha256"), str)
+        ):
+            raise LedgerError(f"ledger head {self.head_path}: not an excise ledger head file")
+        return data
+
+    def check_writable(self) -> None:
+        """Refuse (one line) a ledger that cannot take a row: a read-only file or folder.
+
+        A row is inserted and rolled back, and a file is created and removed beside it,
+        so nothing changes.
+        """
+        with self._connection() as con, _transaction(con, commit=False):
+            con.execute("INSERT INTO excise_ledger (key, value) VALUES ('probe', 'probe')")
+        try:
+            handle, probe = tempfile.mkstemp(prefix=".excise-probe.", dir=self.path.parent)
+        except OSError as error:
+            raise LedgerError(
+                f"ledger {self.path}: its folder is not writable ({error.strerror})"
+            ) from None
+        os.close(handle)
+        os.unlink(probe)
+
+    def find(self, report_path: str | Path, after_fingerprint: str) -> LedgerEntry | None:
+        """The request whose report is ``report_path`` and whose edited model has this
+        fingerprint (a run's row), or None."""
+        wanted = str(Path(report_path).resolve())
+        with self._connection() as con:
+            row = con.execute(
+                f"SELECT {_SELECT} FROM requests WHERE report_path = ? AND after_fingerprint = ? "
+                "ORDER BY id LIMIT 1",
+                (wanted, after_fingerprint),
+            ).fetchone()
+        return None if row is None else _entry(row)
 
     def list(self) -> list[LedgerEntry]:
         """Every request, oldest first."""
@@ -193,7 +260,8 @@ class Ledger:
         return _entry(row)
 
     def verify(self) -> int:
-        """Check the hash chain row by row; returns the number of rows, or raises."""
+        """Check the hash chain row by row, and the rows against the head file; returns the
+        number of rows, or raises :class:`LedgerError`."""
         previous = GENESIS
         entries = self.list()
         for entry in entries:
@@ -204,22 +272,48 @@ class Ledger:
                     "the file was changed outside excise"
                 )
             previous = entry.entry_sha256
+        head = self.head()
+        if head is not None:
+            check_anchor(
+                entries,
+                head["count"],
+                head["head_sha256"],
+                f"its head file {self.head_path}",
+                self.path,
+            )
         return len(entries)
+
+    def _write_head(self, con: sqlite3.Connection) -> None:
+        """Write the head file from the database's last row (inside the write lock)."""
+        count, last = con.execute(
+            "SELECT count(*), (SELECT entry_sha256 FROM requests ORDER BY id DESC LIMIT 1) "
+            "FROM requests"
+        ).fetchone()
+        head = {"format": HEAD_FORMAT, "count": count, "head_sha256": last or GENESIS}
+        text = json.dumps({**head, "updated_utc": utc_timestamp("microseconds")}, indent=2)
+        write_bytes(self.head_path, (text + "\n").encode("utf-8"))
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        con = None
         try:
+            con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             con.execute("PRAGMA synchronous = FULL")
             yield con
         except sqlite3.DatabaseError as error:
-            if isinstance(error, sqlite3.IntegrityError | sqlite3.OperationalError):
+            if isinstance(error, sqlite3.OperationalError):
+                reason = _storage_reason(error)
+                if reason is None:
+                    raise
+                raise LedgerError(f"ledger {self.path}: {reason}") from None
+            if isinstance(error, sqlite3.IntegrityError):
                 raise
             raise LedgerError(
                 f"ledger {self.path}: not a readable SQLite database ({error})"
             ) from error
         finally:
-            con.close()
+            if con is not None:
+                con.close()
 
     def _open(self, con: sqlite3.Connection) -> None:
         """Create the schema in an empty file; refuse a file that holds something else."""
@@ -264,16 +358,50 @@ def _create(con: sqlite3.Connection) -> None:
             statement = ""
 
 
+def check_anchor(
+    entries: list[LedgerEntry], count: int, head_sha256: str, where: str, path: Path
+) -> None:
+    """Refuse rows that end before an anchor (a row count and that row's hash) recorded
+    elsewhere, or that hold another hash at it: rows were removed or replaced."""
+    if count > len(entries):
+        raise LedgerError(
+            f"ledger {path}: holds {len(entries)} requests but {where} records {count}; "
+            "the newest rows were removed outside excise"
+        )
+    found = entries[count - 1].entry_sha256 if count else GENESIS
+    if found != head_sha256:
+        raise LedgerError(
+            f"ledger {path}: request {count} does not have the hash {where} records; "
+            "rows were replaced outside excise"
+        )
+
+
+def _storage_reason(error: sqlite3.OperationalError) -> str | None:
+    """One line for SQLite's errors about the file or the disk (None: another error)."""
+    text = str(error).lower()
+    for words, reason in (
+        ("readonly", "cannot be written (a read-only file, folder or file system)"),
+        ("unable to open", "cannot be opened (check the folder and its permissions)"),
+        ("locked", f"locked by another process for more than {BUSY_TIMEOUT_S:.0f} s"),
+        ("full", "the disk is full"),
+        ("disk i/o", "a disk input/output error"),
+    ):
+        if words in text:
+            return reason
+    return None
+
+
 @contextlib.contextmanager
-def _transaction(con: sqlite3.Connection) -> Iterator[None]:
-    """``BEGIN IMMEDIATE`` (take the write lock now, waiting for it) … ``COMMIT``."""
+def _transaction(con: sqlite3.Connection, commit: bool = True) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` (take the write lock now, waiting for it) … ``COMMIT`` (or,
+    with ``commit=False``, ``ROLLBACK``: a probe that leaves nothing)."""
     con.execute("BEGIN IMMEDIATE")
     try:
         yield
     except BaseException:
         con.execute("ROLLBACK")
         raise
-    con.execute("COMMIT")
+    con.execute("COMMIT" if commit else "ROLLBACK")
 
 
 def _tables(con: sqlite3.Connection) -> set[str]:

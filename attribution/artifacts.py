@@ -48,12 +48,14 @@ def artifact_kind(path: str | Path) -> str | None:
 
 
 def check_output_folder(path: str | Path, kind: str) -> Path:
-    """Refuse an ``--out`` that is a file or a non-empty folder that is no ``kind`` artifact."""
+    """Refuse an ``--out`` that is a file or a non-empty folder that is no ``kind`` artifact,
+    or where nothing can be written (:func:`check_writable`)."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--out {path}: exists and is a file; name a folder")
+    check_writable(path)
     if not path.exists():
         return path
-    if not path.is_dir():
-        raise InputError(f"--out {path}: exists and is a file; name a folder")
     if not any(path.iterdir()):
         return path
     found = artifact_kind(path)
@@ -64,6 +66,26 @@ def check_output_folder(path: str | Path, kind: str) -> Path:
     if found != kind:
         raise InputError(f"--out {path}: holds an excise {found!r} artifact, not {kind!r}")
     return path
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuse an output path whose folder (or nearest existing parent) takes no new file:
+    a file is created and removed there, so permissions, a read-only file system and a
+    missing parent are all found before any work starts."""
+    path = Path(path)
+    folders = [path] if path.is_dir() else []
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    for folder in [*folders, parent]:
+        if not folder.is_dir():
+            raise InputError(f"--out {path}: {folder} is not a folder")
+        try:
+            handle, probe = tempfile.mkstemp(prefix=".excise-probe.", dir=folder)
+        except OSError as err:
+            raise InputError(f"--out {path}: cannot write in {folder} ({err.strerror})") from None
+        os.close(handle)
+        os.unlink(probe)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,10 @@
 """The ``excise`` command line.
 
 Each subcommand parses its arguments, calls the libraries and prints what it did. Bad
-input (:class:`~excise.errors.BadInputError`) prints one line and exits with code 2;
-any other exception is a bug and exits with code 1 with its traceback. Heavy imports
+input (:class:`~excise.errors.BadInputError`), and a disk or folder that refuses a write
+(no permission, read-only, full), print one line and exit with code 2 (what was being
+written is removed); any other exception is a bug and exits with code 1 with its
+traceback. Heavy imports
 (torch, transformers) happen inside the commands, so ``excise --version`` and reusing a
 built world take well under a second.
 """
@@ -10,8 +12,10 @@ built world take well under a second.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +24,10 @@ from typing import Any
 from excise import __version__
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+# the user's paths or disk, not a bug: no permission, read-only, full, over quota or size limit
+STORAGE_ERRORS = frozenset(
+    (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+)
 LIBRARY_LOGGERS = ("excise", "attribution", "unlearn", "analysis")
 FORGET_GUARD = 288  # guard-set size of excise forget (benchmarks/results/stranger_guard288.md)
 GUARD_CHOICES = ("random", "influence")  # random first: influence did not beat it
@@ -39,12 +47,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as err:  # every layer's user-input errors
         print(f"excise {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as err:  # the user's disk or permissions refusing a write: one line
+        message = storage_error(err)
+        if message is None:
+            raise
+        print(f"excise {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"excise {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader left (excise ledger list | head): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_INTERNAL
+
+
+def storage_error(err: BaseException) -> str | None:
+    """One line for an error of the user's disk or permissions (see ``STORAGE_ERRORS``),
+    raised as an ``OSError`` or by a writer that reports ``(os error N)`` (safetensors);
+    None for anything else.
+
+    >>> storage_error(OSError(errno.ENOSPC, "No space left on device", "/out/model"))
+    '/out/model: No space left on device'
+    >>> storage_error(RuntimeError("I/O error: File too large (os error 27)"))
+    'cannot write the output: File too large'
+    >>> storage_error(ValueError("something else")) is None
+    True
+    """
+    if isinstance(err, OSError):
+        if err.errno not in STORAGE_ERRORS:
+            return None
+        return f"{err.filename}: {err.strerror}" if err.filename else str(err.strerror)
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    if found is None or int(found.group(1)) not in STORAGE_ERRORS:
+        return None
+    return f"cannot write the output: {os.strerror(int(found.group(1)))}"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -289,7 +325,8 @@ def _run_audit(args: argparse.Namespace) -> int:
 
 
 def _add_ledger_parser(commands: Any, common: argparse.ArgumentParser) -> None:
-    """``excise ledger list | show ID | verify``, each with --ledger PATH."""
+    """``excise ledger list | show ID | verify [RUN_DIR...] | record RUN_DIR``, each with
+    --ledger PATH."""
     ledger = commands.add_parser(
         "ledger", help="the deletion requests processed so far and their evidence"
     )
@@ -303,9 +340,21 @@ def _add_ledger_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     show = actions.add_parser("show", parents=[common, where], help="every field of one request")
     show.add_argument("id", help="the request id (see excise ledger list)")
     show.add_argument("--json", action="store_true", help="as JSON")
-    actions.add_parser(
-        "verify", parents=[common, where], help="check the hash chain of every request"
+    verify = actions.add_parser(
+        "verify",
+        parents=[common, where],
+        help="check the hash chain, the head file, and excise forget run folders' rows",
     )
+    verify.add_argument(
+        "runs", nargs="*", metavar="RUN_DIR", help="excise forget output folders to check"
+    )
+    record = actions.add_parser(
+        "record",
+        parents=[common, where],
+        help="add the row of a finished excise forget run that has none (a run stopped "
+        "before recording); a recorded run is not added twice",
+    )
+    record.add_argument("run_dir", metavar="RUN_DIR", help="the excise forget output folder")
     ledger.set_defaults(handler=_run_ledger)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from attribution.artifacts import check_writable
 from excise.errors import BadInputError
 
 
@@ -39,4 +40,5 @@ def check_new_output(path: str | Path, inputs: Iterable[str | Path]) -> Path:
     out = check_apart(path, inputs, "a new folder")
     if out.exists():
         raise BadInputError(f"--out {path}: already exists; choose a new folder")
+    check_writable(out)
     return out

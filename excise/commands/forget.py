@@ -18,7 +18,10 @@ Writes (atomically; inputs never touched)::
     OUT/attribution/   factors/, scores/, topk.jsonl, summary.md
     OUT/unlearn/       model/, scope.safetensors, manifest.json
     OUT/report.json  OUT/report.html  OUT/report.md
-    OUT/forget.json    inputs, stage timings, attribution and unlearning summaries
+    OUT/forget.json    inputs, stage timings, attribution and unlearning summaries, and the
+                       ledger row to record (written before the folder is put in place)
+    OUT/ledger.json    the row's id and hash, once recorded (a run killed before it:
+                       ``excise ledger record OUT`` adds the row)
 """
 
 from __future__ import annotations
@@ -50,7 +53,13 @@ from attribution.fingerprint import fingerprint_of
 from attribution.influence import ScoreArguments, stored_pairwise_scores
 from excise.commands.attribute import RunDescription, topk_rows, write_topk
 from excise.commands.audit import audit_models, load_audit_models, load_splits
-from excise.commands.ledger import entry_from_report
+from excise.commands.ledger import (
+    RUN_ANCHOR,
+    entry_fields,
+    entry_from_report,
+    run_entry,
+    write_run_anchor,
+)
 from excise.commands.unlearn import (
     EditOptions,
     arguments_from,
@@ -117,11 +126,14 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
             f"--expand needs every forget record in the training set (--train); {len(missing)} "
             f"are not, e.g. {missing[0]!r}"
         )
-    warnings = warn(note, overlap_warnings(inputs.splits) + _untrained(missing, inputs))
+    warnings = overlap_warnings(inputs.splits) + _untrained(missing, inputs)
     options, distilled = with_strangers(
         options, inputs.records.get("holdout"), inputs.records["forget"], note
     )
     ledger = Ledger(args.ledger or default_ledger_path())
+    ledger.check_writable()  # before any work: a finished deletion must get its row
+    if args.out:
+        check_not_unrecorded(Path(args.out), ledger)
     out = check_new_output(args.out or _default_out(), _input_paths(inputs))
     folders = {"before": inputs.model, "reference": inputs.reference}
     models, tokenizer = load_audit_models(folders, choose_device(args.device))
@@ -129,6 +141,7 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
     model, reference = models["before"], models.get("reference")
     factors = Factors.load(args.factors, model) if args.factors else None
     progress = False if args.quiet else None
+    warn(note, warnings)  # once every input is checked
     timings: dict[str, float] = {}
     with atomic_directory(out, KIND) as folder:
         task = LanguageModelingTask(tokenizer)
@@ -198,11 +211,30 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
         summary = _summary(inputs, attribution, manifest, report, timings, args.seed, out)
         summary["expanded"] = bool(args.expand)
         summary["warnings"] = warnings
-        write_json(folder / "forget.json", summary)
-    with _timed(timings, "record", note):
-        entry = ledger.record(_ledger_entry(manifest, report, inputs, out))
-    summary.update(ledger_id=entry, ledger=str(ledger.path), report=report, timings=timings)
+        entry = _ledger_entry(manifest, report, inputs, out)
+        summary["ledger"] = {"path": str(ledger.path.resolve()), "entry": entry_fields(entry)}
+        write_json(folder / "forget.json", summary)  # the row, before the folder is in place
+    with _timed(timings, "record", note):  # a kill here: excise ledger record OUT adds it
+        recorded = ledger.get(ledger.record(entry))
+        write_run_anchor(out, ledger, recorded)
+    summary.update(ledger_id=recorded.id, ledger=str(ledger.path), report=report, timings=timings)
     return summary
+
+
+def check_not_unrecorded(out: Path, ledger: Ledger) -> None:
+    """Say how to register a finished run at ``out`` that the ledger lacks (a run killed
+    before its row), instead of only "already exists"."""
+    if not (out / "forget.json").is_file() or (out / RUN_ANCHOR).exists():
+        return
+    try:
+        entry, _ = run_entry(out)
+    except BadInputError:
+        return  # not a run folder: "already exists" says enough
+    if ledger.find(entry.report_path, entry.after_fingerprint) is None:
+        raise BadInputError(
+            f"--out {out}: holds a finished run with no row in ledger {ledger.path} (it "
+            f"stopped before recording); register it with: excise ledger record {out}"
+        )
 
 
 def uses_world(args: argparse.Namespace) -> bool:

@@ -6,10 +6,20 @@ this module reads it for people and builds a row from an audit report:
 - ``excise ledger list``: one line per request (id, time, method, scope, forget set hash,
   headline numbers, report path); ``--json`` for JSON lines with every field;
 - ``excise ledger show ID``: every field of one request (``--json`` as JSON);
-- ``excise ledger verify``: check the hash chain of every row.
+- ``excise ledger verify [RUN_DIR ...]``: check the hash chain of every row, the rows
+  against the head file, and each ``excise forget`` run folder named against its row;
+- ``excise ledger record RUN_DIR``: register a finished ``excise forget`` run that has no
+  row (a run killed between writing its folder and its row); a recorded run is not
+  recorded twice.
 
-Each takes ``--ledger PATH`` (default ``$EXCISE_HOME/ledger.sqlite``). A missing or
-unreadable ledger file, or an id that names no request, is bad input (exit 2).
+Each takes ``--ledger PATH`` (default ``$EXCISE_HOME/ledger.sqlite``; for ``record``, the
+ledger the run named). A missing or unreadable ledger file, an id that names no request,
+or a folder that is not a finished ``excise forget`` run is bad input (exit 2).
+
+A run folder holds its row as the run meant to record it (``forget.json``, section
+``ledger``: the ledger's path and the row's fields), written before the folder is put in
+place, and, once recorded, ``ledger.json``: the ledger, the row's id and its hash — the
+chain's head when the row was added, a second anchor beside the ledger's head file.
 
 >>> models = {"before": {"fingerprint": "a" * 64}, "after": {"fingerprint": "b" * 64}}
 >>> report = {"models": models, "splits": {"forget": {"n": 3, "sha256": "c" * 64}},
@@ -29,7 +39,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from analysis.ledger import Ledger, LedgerEntry
+from analysis.ledger import Ledger, LedgerEntry, LedgerError, check_anchor
 from analysis.report import json_safe
 from excise.errors import BadInputError
 from excise.home import default_ledger_path
@@ -38,7 +48,9 @@ SHORT_HASH = 12  # hex digits of a hash shown in the list
 
 
 def run(args: argparse.Namespace) -> int:
-    """``list``, ``show`` or ``verify``; prints to stdout and returns the exit code (0)."""
+    """``list``, ``show``, ``verify`` or ``record``; prints to stdout, returns the exit code."""
+    if args.ledger_command == "record":
+        return run_record(args)
     ledger = Ledger(args.ledger or default_ledger_path(), create=False)  # reading never creates
     if args.ledger_command == "list":
         entries = ledger.list()
@@ -54,8 +66,98 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(entry_dict(entry), indent=2) if args.json else format_entry(entry))
     else:
         n = ledger.verify()
-        print(f"{ledger.path}: {n} request(s), hash chain intact")
+        head = "head file matches" if ledger.head() is not None else "no head file yet"
+        print(f"{ledger.path}: {n} request(s), hash chain intact, {head}")
+        if args.runs:
+            entries = ledger.list()
+            for run_dir in args.runs:
+                print(f"{run_dir}: {check_run(run_dir, ledger, entries)}")
     return 0
+
+
+def run_record(args: argparse.Namespace) -> int:
+    """``excise ledger record RUN_DIR``: the run's row, added unless it is there already."""
+    entry, named = run_entry(args.run_dir)
+    ledger = Ledger(args.ledger or named)
+    found = ledger.find(entry.report_path, entry.after_fingerprint)
+    if found is None:
+        ledger.check_writable()
+        found = ledger.get(ledger.record(entry))
+        verb = "recorded"
+    else:
+        verb = "already recorded"
+    write_run_anchor(args.run_dir, ledger, found)
+    print(f"{args.run_dir}: {verb} as request {found.id} in {ledger.path}")
+    return 0
+
+
+FORGET_RECORD, RUN_ANCHOR = "forget.json", "ledger.json"
+
+
+def run_entry(run_dir: str | Path) -> tuple[LedgerEntry, Path]:
+    """The row a finished ``excise forget`` run meant to record, and the ledger it named."""
+    from attribution.artifacts import artifact_kind
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise BadInputError(f"{run_dir}: no such run folder")
+    try:
+        data = json.loads((run_dir / FORGET_RECORD).read_text(encoding="utf-8"))
+        section = data["ledger"]
+        entry = LedgerEntry(**section["entry"])
+        return entry, Path(section["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        kind = artifact_kind(run_dir)
+        raise BadInputError(
+            f"{run_dir}: not a finished excise forget run with a ledger record "
+            f"(kind {kind!r}; no readable {FORGET_RECORD} 'ledger' section)"
+        ) from None
+
+
+def entry_fields(entry: LedgerEntry) -> dict[str, Any]:
+    """The fields a run keeps of its row (what :class:`LedgerEntry` takes back)."""
+    data = dataclasses.asdict(entry)
+    return {k: v for k, v in data.items() if k not in ("id", "previous_sha256", "entry_sha256")}
+
+
+def write_run_anchor(run_dir: str | Path, ledger: Ledger, entry: LedgerEntry) -> None:
+    """``RUN_DIR/ledger.json``: where the run's row is, its id and its hash."""
+    from attribution.artifacts import write_json
+
+    write_json(
+        Path(run_dir) / RUN_ANCHOR,
+        {"ledger": str(ledger.path.resolve()), "id": entry.id, "entry_sha256": entry.entry_sha256},
+    )
+
+
+def check_run(run_dir: str | Path, ledger: Ledger, entries: list[LedgerEntry]) -> str:
+    """How a run folder stands against the ledger; a :class:`LedgerError` when its row is
+    missing, removed or changed."""
+    entry, _ = run_entry(run_dir)
+    try:
+        anchor = json.loads((Path(run_dir) / RUN_ANCHOR).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        found = ledger.find(entry.report_path, entry.after_fingerprint)
+        if found is None:
+            raise LedgerError(
+                f"{run_dir}: a finished deletion with no row in ledger {ledger.path}; record "
+                f"it with: excise ledger record {run_dir}"
+            ) from None
+        return f"request {found.id} (its {RUN_ANCHOR} is missing: excise ledger record adds it)"
+    except (OSError, ValueError) as error:
+        raise LedgerError(f"{run_dir}/{RUN_ANCHOR}: unreadable ({error})") from None
+    if Path(str(anchor.get("ledger"))) != ledger.path.resolve():
+        raise LedgerError(
+            f"{run_dir}: recorded in ledger {anchor.get('ledger')}, not {ledger.path}; pass "
+            "--ledger"
+        )
+    check_anchor(
+        entries, int(anchor["id"]), str(anchor["entry_sha256"]), f"run {run_dir}", ledger.path
+    )
+    row = entries[int(anchor["id"]) - 1]
+    if row.after_fingerprint != entry.after_fingerprint:
+        raise LedgerError(f"{run_dir}: request {row.id} records another edited model")
+    return f"request {row.id}, as recorded"
 
 
 def record_request(

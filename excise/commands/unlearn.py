@@ -146,7 +146,7 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
     model_dir = check_model_folder(args.model)
     forget, retain = read_records(args.forget), read_records(args.retain)
     check_sets(forget, retain)
-    warnings = warn(note, overlap_warnings({"forget": forget, "retain": retain}))
+    warnings = overlap_warnings({"forget": forget, "retain": retain})
     holdout = read_records(args.holdout) if args.holdout else None
     options, forget = with_strangers(options, holdout, forget, note)
     inputs = [model_dir, Path(args.forget), Path(args.retain)]
@@ -160,6 +160,7 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
     reference = check_model_folder(args.reference) if args.reference else None
     reference_model = load_model(reference)[0].to(device) if reference else None
     progress = False if args.quiet else None
+    warn(note, warnings)  # once every input is checked
     started = time.perf_counter()
     with atomic_directory(out, KIND) as folder:
         edit = edit_model(

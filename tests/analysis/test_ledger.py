@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing
 import os
 import signal
@@ -140,6 +141,45 @@ def test_update_and_delete_are_refused_and_tampering_is_detected(tmp_path):
         ledger.verify()
 
 
+def _delete_newest(path, n: int) -> None:
+    """What issue 15 tried: drop the trigger, delete the newest rows with SQL."""
+    con = sqlite3.connect(path)
+    con.execute("DROP TRIGGER IF EXISTS requests_no_delete")
+    con.execute("DELETE FROM requests WHERE id > (SELECT max(id) FROM requests) - ?", (n,))
+    con.commit()
+    con.close()
+
+
+def test_removed_newest_rows_are_found_by_the_head_file(tmp_path):
+    """Issue 15, item 6: deleting the last rows keeps the chain whole; the head does not."""
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    for index in range(4):
+        ledger.record(make_entry(index=index))
+    head = ledger.head()
+    assert head["count"] == 4 and head["head_sha256"] == ledger.get(4).entry_sha256
+    _delete_newest(ledger.path, 2)
+    assert [e.id for e in ledger.list()] == [1, 2]
+    with pytest.raises(LedgerError, match=r"holds 2 requests but its head file .* records 4"):
+        ledger.verify()
+
+
+def test_a_lagging_head_passes_and_a_wrong_one_is_refused(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    for index in range(3):
+        ledger.record(make_entry(index=index))
+    lagging = {**ledger.head(), "count": 2, "head_sha256": ledger.get(2).entry_sha256}
+    ledger.head_path.write_text(json.dumps(lagging))  # a writer killed before its head
+    assert ledger.verify() == 3
+    ledger.head_path.write_text(json.dumps({**lagging, "head_sha256": "f" * 64}))
+    with pytest.raises(LedgerError, match="request 2 does not have the hash its head file"):
+        ledger.verify()
+    ledger.head_path.write_text("not json")
+    with pytest.raises(LedgerError, match="unreadable"):
+        ledger.verify()
+    ledger.head_path.unlink()  # a ledger from before head files: the chain alone
+    assert ledger.verify() == 3 and ledger.head() is None
+
+
 def test_default_path_follows_excise_home(monkeypatch, tmp_path):
     monkeypatch.setenv("EXCISE_HOME", str(tmp_path))
     assert default_ledger_path() == tmp_path / "ledger.sqlite"
@@ -170,6 +210,7 @@ def test_concurrent_writers_lose_no_row(tmp_path):
     seen = sorted((e.scope["worker"], e.scope["index"]) for e in entries)
     assert seen == [(w, i) for w in range(WORKERS) for i in range(PER_WORKER)]
     assert ledger.verify() == WORKERS * PER_WORKER
+    assert ledger.head()["count"] == WORKERS * PER_WORKER  # written in order, under the lock
 
 
 def _write_forever(path: str) -> None:
@@ -201,8 +242,10 @@ def test_a_killed_writer_leaves_only_whole_rows(tmp_path):
     for index, entry in enumerate(entries):
         expected = make_entry(0, index)
         assert (entry.scope, entry.headline) == (expected.scope, expected.headline)
-    assert ledger.verify() == len(entries)
+    assert ledger.verify() == len(entries)  # the head file may lag by a row, never lead
+    assert len(entries) - 1 <= ledger.head()["count"] <= len(entries)
     assert ledger.record(make_entry(1, 0)) == len(entries) + 1  # still writable
+    assert ledger.head()["count"] == len(entries) + 1  # and the head caught up
 
 
 def _count(path) -> int:

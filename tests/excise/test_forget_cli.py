@@ -344,3 +344,72 @@ def test_the_default_guard_is_drawn_at_random_outside_the_forget_set(world_run, 
     assert guard["by"] == "random" and guard["n"] == min(FORGET_GUARD, len(outside))
     assert len(set(guard["ids"])) == guard["n"] and set(guard["ids"]) <= set(outside)
     assert f"guard: {guard['n']} training examples drawn at random" in stdout
+
+
+def test_a_run_keeps_its_row_and_verify_checks_the_folder(world_run, tmp_path, capsys):
+    """Issue 15, item 6: OUT/ledger.json anchors the run's row; removing that row (and the
+    head file) is found by ``excise ledger verify OUT``."""
+    import shutil
+    import sqlite3
+
+    out, ledger_path, _ = world_run
+    anchor = json.loads((out / "ledger.json").read_text())
+    entry = Ledger(ledger_path, create=False).get(1)
+    assert anchor == {"ledger": str(ledger_path), "id": 1, "entry_sha256": entry.entry_sha256}
+    capsys.readouterr()
+    assert main(["ledger", "verify", "--ledger", str(ledger_path), str(out)]) == 0
+    assert f"{out}: request 1, as recorded" in capsys.readouterr().out
+    copy = tmp_path / "copy.sqlite"
+    shutil.copy(ledger_path, copy)  # the run's own ledger stays as it is
+    con = sqlite3.connect(copy)
+    con.execute("DROP TRIGGER requests_no_delete")
+    con.execute("DELETE FROM requests")
+    con.commit()
+    con.close()
+    moved = tmp_path / "run"
+    shutil.copytree(out, moved)
+    (moved / "ledger.json").write_text(json.dumps({**anchor, "ledger": str(copy)}))
+    assert main(["ledger", "verify", "--ledger", str(copy), str(moved)]) == 2
+    message = error_lines(capsys.readouterr().err)
+    assert len(message) == 1 and "holds 0 requests but run" in message[0]
+
+
+def test_a_run_killed_before_its_row_is_registered_once(tiny_world, home, tmp_path, capsys):
+    """Issue 15, item 7: killed between putting the folder in place and writing the row,
+    the run is found (a rerun into the same --out, verify) and ``excise ledger record``
+    adds its row once."""
+    from unittest import mock
+
+    files = {}
+    for split, n in (("forget", 4), ("retain", 16)):
+        lines = (tiny_world / f"{split}.jsonl").read_text().splitlines()[:n]
+        files[split] = write_jsonl(tmp_path / f"{split}.jsonl", map(json.loads, lines))
+    out, ledger = tmp_path / "out", tmp_path / "ledger.sqlite"
+    arguments = (
+        *("--model", str(tiny_world / "base"), "--forget", str(files["forget"])),
+        *("--retain", str(files["retain"]), "--out", str(out), "--ledger", str(ledger)),
+        *("--relearn-steps", "0", "--guard", "0"),
+    )
+    with mock.patch.object(Ledger, "record", side_effect=KeyboardInterrupt):
+        assert forget_cli(*arguments) == 130  # as if killed right after the rename
+    assert (out / "forget.json").is_file() and not (out / "ledger.json").exists()
+    assert Ledger(ledger, create=False).list() == []
+    capsys.readouterr()
+    assert forget_cli(*arguments) == 2
+    assert f"register it with: excise ledger record {out}" in capsys.readouterr().err
+    assert main(["ledger", "verify", "--ledger", str(ledger), str(out)]) == 2
+    assert "a finished deletion with no row" in capsys.readouterr().err
+    assert main(["ledger", "record", str(out)]) == 0  # the ledger the run named
+    assert f"{out}: recorded as request 1 in {ledger}" in capsys.readouterr().out
+    assert main(["ledger", "record", str(out)]) == 0
+    assert "already recorded as request 1" in capsys.readouterr().out
+    (entry,) = Ledger(ledger, create=False).list()
+    summary = json.loads((out / "forget.json").read_text())
+    assert entry.report_path == str(out / "report.html")
+    assert (
+        entry.after_fingerprint
+        == json.loads((out / "report.json").read_text())["models"]["after"]["fingerprint"]
+    )
+    assert summary["ledger"]["entry"]["method"] == entry.method
+    assert main(["ledger", "verify", "--ledger", str(ledger), str(out)]) == 0
+    assert f"{out}: request 1, as recorded" in capsys.readouterr().out
