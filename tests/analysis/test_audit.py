@@ -26,7 +26,7 @@ from tests.attribution.models import tiny_llama
 TOP = {
     "schema", "excise_version", "created_utc", "models", "splits", "metrics", "forget_quality",
     "model_utility", "membership", "shift", "parameters", "relearning", "headline",
-    "forget_quality_null",
+    "forget_quality_null", "warnings",
 }  # fmt: skip
 METRICS = {
     "probability", "rouge_l_recall", "truth_ratio", "exact_memorization", "extraction_strength",
@@ -78,6 +78,7 @@ def same(models, splits):
 
 def test_the_report_has_the_schema_and_round_trips_through_json(full):
     assert set(full) == TOP and full["schema"] == "excise-audit/1"
+    assert full["warnings"] == []  # the world's splits share no record with the forget set
     assert json.loads(json.dumps(full, allow_nan=False)) == full
     assert set(full["headline"]) == HEADLINE
     assert set(full["metrics"]) == {"forget", "retain", "neighbor", "world"}
