@@ -13,7 +13,7 @@ module (:mod:`analysis.rouge`, :mod:`analysis.memorization`, :mod:`analysis.rele
 
 >>> from analysis import harmonic_mean, privleak
 >>> harmonic_mean([0.5, 1.0]), privleak(0.75, 0.5)
-(0.6666666666666666, 50.0)
+(0.6666666666666666, -50.0)
 """
 
 from analysis.audit import AuditInputError, audit

@@ -17,7 +17,10 @@
 - ``relearning``: how much of the forget set a few fine-tuning steps bring back;
 - ``headline``: the numbers a reader looks at first;
 - ``warnings``: what about the inputs a reader should know (forget records that another
-  split also holds), one sentence each.
+  split also holds), one sentence each;
+- ``definitions``: how the numbers are defined where the field's tools differ (which
+  question the truth ratio uses, ROUGE, end of sequence, k, zlib, privleak, utility);
+- ``seconds``: wall-clock seconds of the audit's stages.
 
 Every record is batched and scored through one :class:`~attribution.task.Task`
 (``task.collate`` and ``task.token_scores``; :mod:`analysis.scoring`), so a custom task
@@ -32,7 +35,9 @@ models of different architectures.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +47,8 @@ from torch import nn
 from analysis.calibration import split_truth_ratios, stranger_null
 from analysis.membership import (
     MIN_K,
-    answer_text,
+    PRIVLEAK_ATTACK,
+    answer_texts,
     attack_results,
     attack_scores,
     privleak_by_attack,
@@ -53,6 +59,8 @@ from analysis.rouge import rouge_l_recall, unavailable
 from analysis.scoring import score_completions
 from analysis.shift import N_RESAMPLES, knowledge_shift, parameter_change
 from analysis.truth import (
+    DEFAULT_QUESTION,
+    QUESTIONS,
     answer_log_probs,
     forget_quality,
     forget_quality_unavailable,
@@ -69,10 +77,10 @@ from attribution.task import Task
 
 SCHEMA = "excise-audit/1"
 REQUIRED_SPLITS = ("forget", "retain")
-SPLITS = ("forget", "retain", "neighbor", "world", "holdout")
-METRIC_SPLITS = ("forget", "retain", "neighbor", "world")
+SPLITS = ("forget", "retain", "neighbor", "real_authors", "world", "holdout")
+METRIC_SPLITS = ("forget", "retain", "neighbor", "real_authors", "world")
 SHIFT_SPLITS = ("neighbor", "retain", "world", "forget")
-NORMALISED_SPLITS = ("world",)  # probability against the wrong answers (TOFU's world facts)
+NORMALISED_SPLITS = ("real_authors", "world")  # probability against the wrong answers (TOFU)
 
 
 class AuditInputError(InputError):
@@ -120,6 +128,7 @@ def audit(
     n_resamples: int = N_RESAMPLES,
     fingerprints: Mapping[str, str] | None = None,
     progress: bool | None = None,
+    truth_question: str = DEFAULT_QUESTION,
 ) -> dict[str, Any]:
     """The ``excise-audit/1`` report of ``after`` (unlearned) against ``before`` (original).
 
@@ -130,12 +139,22 @@ def audit(
     privleak need it); ``paths`` (role → folder) and ``split_hashes`` (split → sha256) are
     recorded as given; ``fingerprints`` (role → fingerprint) spares hashing a model whose
     fingerprint the caller has. ``seed`` drives the bootstrap and relearning.
+    ``truth_question``: the question the truth ratio's answers are scored after
+    (``original``, TOFU's, or ``paraphrased``; :mod:`analysis.truth`).
     """
     splits = check_splits(splits)
     models = _check_models(before, after, reference)
+    if truth_question not in QUESTIONS:
+        raise AuditInputError(f"truth_question must be one of {QUESTIONS}, got {truth_question!r}")
     options = {"batch_size": batch_size, "progress": progress}
+    seconds: dict[str, float] = {}
+    timed = _Stopwatch(seconds)
     with evaluating(*models.values()):
-        roles = {r: _role_metrics(m, task, splits, **options) for r, m in models.items()}
+        with timed("metrics per model and split"):
+            roles = {
+                r: _role_metrics(m, task, splits, question=truth_question, **options)
+                for r, m in models.items()
+            }
         report = {
             "schema": SCHEMA,
             "excise_version": package_version(),
@@ -149,26 +168,27 @@ def audit(
                 s: {r: roles[r].metrics[s] for r in roles} for s in METRIC_SPLITS if s in splits
             },
             "forget_quality": _forget_quality_section(roles),
-            "forget_quality_null": _null_section(before, task, splits, roles, seed, batch_size),
             "model_utility": {r: model_utility(roles[r].metrics) for r in roles},
-            "membership": _membership_section(roles, splits, min_k),
-            "shift": {
+            "membership": _membership_section(roles, splits, task, min_k),
+        }
+        with timed("perfect-stranger null"):
+            report["forget_quality_null"] = _null_section(
+                before, task, splits, roles, seed, batch_size, truth_question
+            )
+        with timed("knowledge shift"):
+            report["shift"] = {
                 s: knowledge_shift(
-                    before,
-                    after,
-                    task,
-                    splits[s],
-                    seed=seed,
-                    n_resamples=n_resamples,
-                    **options,
+                    before, after, task, splits[s], seed=seed, n_resamples=n_resamples, **options
                 )
                 for s in SHIFT_SPLITS
                 if s in splits
-            },
-            "parameters": parameter_change(
+            }
+        with timed("parameter change"):
+            report["parameters"] = parameter_change(
                 dict(before.named_parameters()), dict(after.named_parameters())
-            ),
-            "relearning": relearning_robustness(
+            )
+        with timed("relearning"):
+            report["relearning"] = relearning_robustness(
                 before,
                 after,
                 task,
@@ -177,10 +197,43 @@ def audit(
                 lr=relearn_lr,
                 seed=seed,
                 **options,
-            ),
-        }
+            )
+    report["definitions"] = definitions(truth_question, min_k, report["model_utility"])
+    report["seconds"] = seconds
     report["headline"] = headline(report)
     return report
+
+
+class _Stopwatch:
+    """``with timed("stage"):`` adds the stage's wall-clock seconds to a dict."""
+
+    def __init__(self, seconds: dict[str, float]):
+        self.seconds = seconds
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = round(time.perf_counter() - start, 3)
+
+
+def definitions(
+    truth_question: str, min_k: float, utility: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """How the report's numbers are defined where the field's tools differ (the report
+    states them, so a figure can be put beside TOFU's, MUSE's or open-unlearning's)."""
+    return {
+        "truth_ratio_question": truth_question,
+        "rouge": "rouge_score's ROUGE-L recall with its Porter stemmer (TOFU, open-unlearning)",
+        "end_of_sequence": "left out of exact memorization, extraction strength, Min-K% and "
+        "Min-K%++ (open-unlearning); kept in the probability",
+        "min_k": min_k,
+        "zlib": "compressed length of the decoded answer tokens (open-unlearning)",
+        "privleak": "MUSE's: ((1 - AUC) - (1 - AUC_ref)) / (1 - AUC_ref) x 100; headline: Min-K%",
+        "model_utility": (utility.get("after") or {}).get("definition"),
+    }
 
 
 def _check_models(
@@ -211,6 +264,7 @@ def _role_metrics(
     *,
     batch_size: int,
     progress: bool | None,
+    question: str = DEFAULT_QUESTION,
 ) -> _RoleResult:
     result = _RoleResult()
     for name, records in splits.items():
@@ -225,6 +279,7 @@ def _role_metrics(
                 stats=stats,
                 batch_size=batch_size,
                 progress=progress,
+                question=question,
             )
     return result
 
@@ -238,6 +293,7 @@ def split_metrics(
     stats: TokenStatistics | None = None,
     batch_size: int = 32,
     progress: bool | None = None,
+    question: str = DEFAULT_QUESTION,
 ) -> dict[str, dict[str, Any]]:
     """The five metrics of one model on one split (``{"probability": {...}, ...}``).
 
@@ -249,7 +305,9 @@ def split_metrics(
     out = {"probability": probability_metric(scores)}
     reason = truth_ratio_fields_missing(records)
     if reason is None:
-        paraphrased, perturbed = answer_log_probs(model, task, records, **options)
+        paraphrased, perturbed = answer_log_probs(
+            model, task, records, question=question, **options
+        )
         truth = truth_ratio_metric(paraphrased, perturbed, forget=split == "forget")
         if split in NORMALISED_SPLITS:
             out["probability"] = normalised_probability_metric(paraphrased, perturbed)
@@ -277,7 +335,7 @@ def _models_section(
     return section
 
 
-def _null_section(before, task, splits, roles, seed, batch_size) -> dict[str, Any]:
+def _null_section(before, task, splits, roles, seed, batch_size, question) -> dict[str, Any]:
     """The perfect-stranger null of D (:func:`analysis.calibration.stranger_null`): against
     the reference's forget truth ratios, or, with no reference, the original's on holdout."""
     if "holdout" not in splits:
@@ -294,7 +352,8 @@ def _null_section(before, task, splits, roles, seed, batch_size) -> dict[str, An
         reason = truth_ratio_fields_missing(splits["holdout"])
         if reason is not None:
             return {"available": False, "reason": f"holdout: {reason}"}
-        target, against = split_truth_ratios(before, task, splits["holdout"], batch_size), "holdout"
+        target = split_truth_ratios(before, task, splits["holdout"], batch_size, question)
+        against = "holdout"
     null = stranger_null(
         before,
         task,
@@ -304,6 +363,7 @@ def _null_section(before, task, splits, roles, seed, batch_size) -> dict[str, An
         np.asarray(after["per_example"], dtype=np.float64),
         seed=seed,
         batch_size=batch_size,
+        question=question,
     )
     return {**null, "target": against}
 
@@ -327,16 +387,18 @@ def _forget_quality_section(roles: Mapping[str, _RoleResult]) -> dict[str, Any]:
 def _membership_section(
     roles: Mapping[str, _RoleResult],
     splits: Mapping[str, Sequence[Mapping[str, Any]]],
+    task: Task,
     k: float = MIN_K,
 ) -> dict[str, Any]:
     if "holdout" not in splits:
         return {"available": False, "reason": "no holdout split (non-members)", "privleak": None}
-    texts = {s: [answer_text(r) for r in splits[s]] for s in ("forget", "holdout")}
-    section: dict[str, Any] = {}
+    section: dict[str, Any] = {"k": k}
     for role, result in roles.items():
-        members = attack_scores(result.stats["forget"], texts["forget"], k)
-        nonmembers = attack_scores(result.stats["holdout"], texts["holdout"], k)
-        section[role] = attack_results(members, nonmembers)
+        scores = [
+            attack_scores(result.stats[s], answer_texts(task, splits[s], result.stats[s]), k)
+            for s in ("forget", "holdout")
+        ]
+        section[role] = attack_results(*scores)
     section["privleak"] = (
         {r: privleak_by_attack(section[r], section["reference"]) for r in ("before", "after")}
         if "reference" in roles
@@ -371,7 +433,14 @@ def headline(report: Mapping[str, Any]) -> dict[str, Any]:
         "total_tensors": parameters["total_tensors"],
         "forget_quality_d": null.get("after_d"),
         "forget_quality_null_p90": null.get("p90"),
+        "privleak": _privleak_headline(report["membership"]),
     }
+
+
+def _privleak_headline(membership: Mapping[str, Any]) -> float | None:
+    """MUSE's number: privleak of the unlearned model, Min-K% attack."""
+    privleak = membership.get("privleak") or {}
+    return (privleak.get("after") or {}).get(PRIVLEAK_ATTACK)
 
 
 def check_splits(

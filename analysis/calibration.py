@@ -32,21 +32,30 @@ from typing import Any
 import numpy as np
 from scipy.stats import ks_2samp
 
-from analysis.truth import answer_log_probs, truth_ratio_fields_missing, truth_ratios
+from analysis.truth import (
+    DEFAULT_QUESTION,
+    answer_log_probs,
+    truth_ratio_fields_missing,
+    truth_ratios,
+)
 from attribution.data import subject_pool, substitute_subject
 from attribution.errors import InputError
 from attribution.task import Task
 
 
 def split_truth_ratios(
-    model: Any, task: Task, records: Sequence[Mapping[str, Any]], batch_size: int = 32
+    model: Any,
+    task: Task,
+    records: Sequence[Mapping[str, Any]],
+    batch_size: int = 32,
+    question: str = DEFAULT_QUESTION,
 ) -> np.ndarray:
     """R per record (TOFU's truth ratio), float64; refuses records without the answers."""
     reason = truth_ratio_fields_missing(records)
     if reason is not None:
         raise InputError(f"the calibrated stop needs truth ratios: {reason}")
     paraphrased, perturbed = answer_log_probs(
-        model, task, records, batch_size=batch_size, progress=False
+        model, task, records, batch_size=batch_size, progress=False, question=question
     )
     return truth_ratios(paraphrased, perturbed)
 
@@ -96,6 +105,7 @@ def stranger_null(
     draws: int = NULL_DRAWS,
     seed: int = 0,
     batch_size: int = 32,
+    question: str = DEFAULT_QUESTION,
 ) -> dict[str, Any]:
     """The perfect-stranger null of D and where the unlearned model falls in it.
 
@@ -128,7 +138,9 @@ def stranger_null(
         ]
         null.append(
             float(
-                ks_2samp(split_truth_ratios(original, task, records, batch_size), target).statistic
+                ks_2samp(
+                    split_truth_ratios(original, task, records, batch_size, question), target
+                ).statistic
             )
         )
     null = np.asarray(null)

@@ -5,10 +5,11 @@ teacher-forced log-probabilities ℓₜ = log p(yₜ | x, y<ₜ) of its answer t
 
 - ``loss``: s = (1/T) Σₜ ℓₜ, the negative mean NLL (Yeom et al. 2018);
 - ``zlib``: s = ((1/T) Σₜ ℓₜ) / Z, Z the byte length of the zlib-compressed answer text
-  (UTF-8; the ``completion``, or ``text`` for text records) — loss over zlib entropy,
-  negated (Carlini et al. 2021);
+  (UTF-8): the answer tokens decoded, as open-unlearning does (the ``completion``, or
+  ``text``, when the task has no tokenizer) — loss over zlib entropy, negated (Carlini et
+  al. 2021);
 - ``min_k``: the mean of the lowest ⌊k·T⌋ (at least 1) values of ℓₜ (Min-K%, Shi et al.
-  2024; k = 20 % by default);
+  2024; k = 40 % by default, open-unlearning's and MUSE's setting);
 - ``min_k_plus_plus``: the same on zₜ = (ℓₜ − μₜ)/σₜ, μₜ and σₜ the mean and standard
   deviation of log p(v) for v drawn from the model's own next-token distribution
   (Min-K%++, Zhang et al. 2024); zₜ = 0 where σₜ = 0.
@@ -16,8 +17,14 @@ teacher-forced log-probabilities ℓₜ = log p(yₜ | x, y<ₜ) of its answer t
 ROC AUC = P(s_member > s_non-member) + ½ P(s_member = s_non-member), the Mann–Whitney U
 statistic divided by n_member·n_non-member (ties counted half). 0.5: members cannot be told
 apart; a model that never saw the forget set should score like the reference model.
-MUSE's privleak = (AUC_model − AUC_reference) / AUC_reference × 100 (0 is ideal; negative:
-over-unlearned, positive: still leaking).
+The answer tokens are those of :func:`analysis.memorization.token_statistics`: the
+final end-of-sequence label is left out, as open-unlearning does.
+
+MUSE's privleak labels the forget set 0, so it works with 1 − AUC:
+privleak = ((1 − AUC_model) − (1 − AUC_reference)) / (1 − AUC_reference) × 100. 0 is
+ideal; negative: the model still tells the forget set from the holdout better than the
+reference (leaking); positive: it tells them apart less (over-unlearned). MUSE reports
+it for Min-K% at k = 0.4 (the audit's headline ``privleak``).
 
 >>> roc_auc([3.0, 2.0], [1.0, 2.0])
 0.875
@@ -38,7 +45,8 @@ from analysis.memorization import TokenStatistics, token_statistics
 from attribution.task import Task
 
 ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
-MIN_K = 0.2
+MIN_K = 0.4  # open-unlearning's and MUSE's k
+PRIVLEAK_ATTACK = "min_k"  # the attack MUSE reports privleak for
 
 
 def loss_score(log_prob: Sequence[float] | np.ndarray) -> float:
@@ -81,7 +89,8 @@ def min_k_plus_plus_score(
 def attack_scores(
     stats: TokenStatistics, texts: Sequence[str], k: float = MIN_K
 ) -> dict[str, np.ndarray]:
-    """Every attack's score for every record: ``{attack: array[n_records]}``."""
+    """Every attack's score for every record: ``{attack: array[n_records]}``; ``texts``
+    are the answers zlib compresses (:func:`answer_texts`)."""
     rows = zip(stats.log_prob, stats.mean, stats.std, texts, strict=True)
     scores = [
         (loss_score(lp), zlib_score(lp, t), min_k_score(lp, k), min_k_plus_plus_score(lp, m, s, k))
@@ -146,17 +155,21 @@ def membership_inference(
     scores = []
     for records in (members, nonmembers):
         stats = token_statistics(model, task, records, batch_size=batch_size, progress=progress)
-        scores.append(attack_scores(stats, [answer_text(r) for r in records], k))
+        scores.append(attack_scores(stats, answer_texts(task, records, stats), k))
     return attack_results(*scores)
 
 
 def privleak(auc: float, reference_auc: float) -> float | None:
-    """(AUC − AUC_reference) / AUC_reference × 100; None when the reference AUC is 0.
+    """MUSE's ((1 − AUC) − (1 − AUC_ref)) / (1 − AUC_ref) × 100; None when AUC_ref is 1.
 
-    >>> privleak(0.75, 0.5)
-    50.0
+    >>> privleak(0.75, 0.5)  # the model tells members apart better: leaking
+    -50.0
+    >>> round(privleak(0.9, 0.45), 1)
+    -81.8
     """
-    return None if reference_auc == 0 else float((auc - reference_auc) / reference_auc * 100.0)
+    if reference_auc == 1:
+        return None
+    return float(((1 - auc) - (1 - reference_auc)) / (1 - reference_auc) * 100.0)
 
 
 def privleak_by_attack(result: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, Any]:
@@ -170,3 +183,15 @@ def privleak_by_attack(result: Mapping[str, Any], reference: Mapping[str, Any]) 
 def answer_text(record: Mapping[str, Any]) -> str:
     """The text a record's loss is taken on: its ``completion``, else its ``text``."""
     return record["completion"] if "completion" in record else record["text"]
+
+
+def answer_texts(
+    task: Task, records: Sequence[Mapping[str, Any]], stats: TokenStatistics
+) -> list[str]:
+    """The answers as zlib sees them: the scored answer tokens decoded with the task's
+    tokenizer, special tokens skipped (open-unlearning); the records' own text when the
+    task has no tokenizer."""
+    tokenizer = getattr(task, "tokenizer", None)
+    if tokenizer is None:
+        return [answer_text(r) for r in records]
+    return [tokenizer.decode(ids.tolist(), skip_special_tokens=True) for ids in stats.targets]

@@ -11,8 +11,10 @@ Greedy decoding from x, y≤ₖ reproduces y>ₖ exactly when every later token 
 under teacher forcing (greedy decoding feeds back exactly those tokens), so
 k = 1 + (the last t with cₜ = 0), or 0 when every cₜ = 1: one forward pass is enough.
 Answer tokens are the targets of ``task.token_scores`` (for ``LanguageModelingTask``, the
-labelled tokens of :func:`attribution.data.encode_record`, end-of-sequence included, as in
-the loss).
+labelled tokens of :func:`attribution.data.encode_record`) without the final
+end-of-sequence label, as open-unlearning scores them: a model that reproduces the answer
+but would not stop there still has memorized it (the loss, and so the probability, keep
+the end-of-sequence token).
 
 :func:`token_statistics` also returns what the membership attacks need: log p(yₜ) and
 the mean and standard deviation of log p(v) under the model's own distribution v ~ p.
@@ -26,10 +28,11 @@ the mean and standard deviation of log p(v) under the model's own distribution v
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from analysis.scoring import per_record
 from attribution.task import Task, TokenScores, scored_batches
@@ -40,13 +43,15 @@ class TokenStatistics:
     """Per record, one float64/bool array over its answer tokens (teacher forced).
 
     ``log_prob``: log p(yₜ); ``correct``: argmax = yₜ; ``mean``/``std``: μₜ = Σᵥ p(v) log p(v)
-    and σₜ = sqrt(Σᵥ p(v) (log p(v))² − μₜ²), the moments of log p under v ~ p (Min-K%++).
+    and σₜ = sqrt(Σᵥ p(v) (log p(v))² − μₜ²), the moments of log p under v ~ p (Min-K%++);
+    ``targets``: the token ids yₜ.
     """
 
     log_prob: list[np.ndarray]
     correct: list[np.ndarray]
     mean: list[np.ndarray]
     std: list[np.ndarray]
+    targets: list[np.ndarray] = field(default_factory=list)
 
 
 def token_statistics(
@@ -57,17 +62,20 @@ def token_statistics(
     batch_size: int = 32,
     progress: bool | None = None,
 ) -> TokenStatistics:
-    """Teacher-forced per-token statistics of every record's targets (model on its device)."""
-    out: dict[str, list[np.ndarray]] = {"log_prob": [], "correct": [], "mean": [], "std": []}
+    """Teacher-forced per-token statistics of every record's targets (model on its device),
+    the final end-of-sequence label left out (the task's ``tokenizer.eos_token_id``)."""
+    eos = getattr(getattr(task, "tokenizer", None), "eos_token_id", None)
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("log_prob", "correct", "mean", "std")}
+    out["targets"] = []
     batches = scored_batches(model, task, records, batch_size, "token statistics", progress)
     for *_, scores in batches:
-        for key, value in _batch_statistics(scores).items():
+        for key, value in _batch_statistics(scores, eos).items():
             out[key].extend(value)
     return TokenStatistics(**out)
 
 
-def _batch_statistics(scores: TokenScores) -> dict[str, list[np.ndarray]]:
-    """One array per record over its target positions."""
+def _batch_statistics(scores: TokenScores, eos: int | None = None) -> dict[str, list[np.ndarray]]:
+    """One array per record over its target positions (a final ``eos`` label left out)."""
     mask = scores.mask  # [batch, seq]
     logp = scores.target_log_softmax  # [n, vocab], float32 or wider
     p = logp.exp()
@@ -78,8 +86,29 @@ def _batch_statistics(scores: TokenScores) -> dict[str, list[np.ndarray]]:
         "correct": scores.correct[mask],
         "mean": mean.double(),
         "std": var.clamp(min=0).sqrt().double(),
+        "targets": scores.labels[mask],
     }
-    return {key: [v.numpy() for v in per_record(value, mask)] for key, value in flat.items()}
+    keep = mask & ~final_label_is(scores.labels, mask, eos)
+    kept = keep[mask]
+    return {key: [v.numpy() for v in per_record(value[kept], keep)] for key, value in flat.items()}
+
+
+def final_label_is(labels: torch.Tensor, mask: torch.Tensor, token: int | None) -> torch.Tensor:
+    """True at each row's last target position when that target is ``token``.
+
+    >>> labels = torch.tensor([[-100, 5, 2, -100], [-100, 7, 8, 9]])
+    >>> final_label_is(labels, labels != -100, 2).tolist()
+    [[False, False, True, False], [False, False, False, False]]
+    """
+    found = torch.zeros_like(mask)
+    if token is None:
+        return found
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask, positions, -1).max(dim=1).values
+    rows = torch.nonzero(last >= 0).squeeze(1)
+    hit = rows[labels[rows, last[rows]] == token]
+    found[hit, last[hit]] = True
+    return found
 
 
 def exact_memorization_score(correct: Sequence[bool] | np.ndarray) -> float:
@@ -105,7 +134,7 @@ def extraction_strength_score(correct: Sequence[bool] | np.ndarray) -> float:
 def memorization_metrics(stats: TokenStatistics) -> dict[str, dict[str, Any]]:
     """``{"exact_memorization": {...}, "extraction_strength": {...}}`` (value = mean).
 
-    >>> stats = TokenStatistics([], [np.array([True, False]), np.array([True, True])], [], [])
+    >>> stats = TokenStatistics([], [np.array([True, False]), np.array([True, True])], [], [], [])
     >>> memorization_metrics(stats)["extraction_strength"]
     {'value': 0.5, 'per_example': [0.0, 1.0]}
     """

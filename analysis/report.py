@@ -46,7 +46,7 @@ from attribution.errors import InputError
 
 SCHEMA = "excise-audit/1"
 ROLES = ("before", "after", "reference")
-SPLITS = ("forget", "retain", "neighbor", "world", "holdout")
+SPLITS = ("forget", "retain", "neighbor", "real_authors", "world", "holdout")
 METRICS = (
     "probability",
     "rouge_l_recall",
@@ -188,8 +188,24 @@ def _header(report: Mapping[str, Any]) -> str:
                 _table(["split", "examples", "sha256"], split_rows)
                 if split_rows
                 else _unavailable(MISSING),
+                _definitions(report),
             ],
         )
+    )
+
+
+def _definitions(report: Mapping[str, Any]) -> str:
+    """Where the field's tools differ, how this report counts; and the audit's stage times."""
+    rows = [[k.replace("_", " "), v] for k, v in _mapping(report.get("definitions")).items()]
+    rows += [
+        [f"seconds: {stage}", value] for stage, value in _mapping(report.get("seconds")).items()
+    ]
+    if not rows:
+        return ""
+    return (
+        "<details><summary>Definitions and the audit's stage timings</summary>"
+        + _table(["", ""], rows)
+        + "</details>"
     )
 
 
@@ -224,8 +240,11 @@ def headline_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         (
             "model utility, before → after",
             f"{_fmt(head.get('model_utility_before'))} → {_fmt(head.get('model_utility_after'))}",
-            "reference: " + (_fmt(ref_mu) if ref_mu is not None else "not available"),
+            _utility_definition(report)
+            + "; reference: "
+            + (_fmt(ref_mu) if ref_mu is not None else "not available"),
         ),
+        _privleak_row(report),
         _shift_row(report, "neighbor", "neighbour shift: mean Δ log p (after − before)"),
         _shift_row(report, "retain", "retain shift: mean Δ log p (after − before)"),
         (
@@ -241,6 +260,37 @@ def headline_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         ),
     ]
     return rows
+
+
+def _utility_definition(report: Mapping[str, Any]) -> str:
+    """Which model utility the report shows: TOFU's 9 components, or the splits it had."""
+    utility = _mapping(_get(report, "model_utility", "after"))
+    definition = utility.get("definition")
+    n = len(_mapping(utility.get("components")))
+    if definition == "tofu":
+        return "TOFU's: harmonic mean of 9 (retain, real authors, world facts)"
+    if not definition:
+        return "harmonic mean"
+    return f"harmonic mean of {n} on {definition} (TOFU's 9 need real_authors)"
+
+
+def _privleak_row(report: Mapping[str, Any]) -> tuple[str, str, str]:
+    """MUSE's privleak of the unlearned model (Min-K%), or why it is not there."""
+    label = "privleak (MUSE, Min-K%)"
+    value = _number(_mapping(report.get("headline")).get("privleak"))
+    if value is None:
+        membership = _mapping(report.get("membership"))
+        why = (
+            _reason(membership, "no reference model")
+            if not membership.get("available")
+            else ("no reference model")
+        )
+        return label, "n/a", f"not available: {why}"
+    return (
+        label,
+        f"{value:+.1f}",
+        "0: like the reference; negative: still leaking; positive: over-unlearned",
+    )
 
 
 def _null_row(report: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -367,13 +417,20 @@ def _membership_section(report: Mapping[str, Any]) -> str:
     attacks = _keys_in_order({a for r in roles for a in section[r]["attacks"]}, ATTACKS)
     rows = [[a, *(_get(section, r, "attacks", a, "auc") for r in roles)] for a in attacks]
     parts = [_table(["attack (ROC AUC)", *roles], rows) if rows else _unavailable(MISSING)]
+    parts.append(
+        f'<p class="guide">Min-K% and Min-K%++ at k = {_e(_fmt(section.get("k")))}; zlib on '
+        "the decoded answer tokens; the final end-of-sequence label left out.</p>"
+    )
     privleak = section.get("privleak")
     if isinstance(privleak, Mapping) and privleak:
         p_roles = [r for r, v in _ordered(privleak, ROLES) if isinstance(v, Mapping)]
         names = _keys_in_order({a for r in p_roles for a in privleak[r]}, ATTACKS)
         p_rows = [[a, *(_get(privleak, r, a) for r in p_roles)] for a in names]
         parts.append(
-            "<h3>privleak (MUSE): (AUC − AUC of the reference) / AUC of the reference × 100</h3>"
+            "<h3>privleak (MUSE): ((1 − AUC) − (1 − AUC of the reference)) / (1 − AUC of the "
+            'reference) × 100</h3><p class="guide">0: like the reference; negative: the '
+            "forget set is still told from the holdout (leaking); positive: less than the "
+            "reference does (over-unlearned). MUSE reports the Min-K% attack.</p>"
         )
         parts.append(_table(["attack", *p_roles], p_rows))
     else:

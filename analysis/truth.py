@@ -3,7 +3,9 @@
 Length-normalised probability of an answer a to a question q: P(a | q) = exp(−(1/|a|) Σₜ
 NLLₜ), i.e. log P is the mean token log-probability. Per question, with the paraphrased
 (correct) answer ã and the perturbed (wrong) answers â₁…â_m, all scored on the same
-question q (the record's ``paraphrased_prompt`` when it has one, else its ``prompt``):
+question q — the record's original ``prompt``, as TOFU scores them even when a reworded
+question exists (``question="original"``, the default), or its ``paraphrased_prompt``
+where it has one (``question="paraphrased"``):
 
     R = P̄(â) / P(ã),   P̄ the geometric mean:  log R = (1/m) Σⱼ log P(âⱼ | q) − log P(ã | q).
 
@@ -38,6 +40,8 @@ from analysis.scoring import score_completions
 from attribution.task import Task
 
 _MAX_LOG_RATIO = 700.0  # exp(±700) stays a finite float64 (and valid JSON)
+QUESTIONS = ("original", "paraphrased")  # which question the answers are scored after
+DEFAULT_QUESTION = "original"  # TOFU's
 
 
 def truth_ratios(
@@ -85,13 +89,15 @@ def answer_log_probs(
     *,
     batch_size: int = 32,
     progress: bool | None = None,
+    question: str = DEFAULT_QUESTION,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Mean token log-probs log P(ã | q) per record and log P(âⱼ | q) per perturbed answer.
 
     Each (question, answer) pair is a derived ``{"prompt", "completion"}`` record, scored
-    through ``task`` like any other record.
+    through ``task`` like any other record; ``question``: ``original`` (the ``prompt``) or
+    ``paraphrased`` (the ``paraphrased_prompt`` where a record has one).
     """
-    questions = [r.get("paraphrased_prompt") or r["prompt"] for r in records]
+    questions = [question_of(r, question) for r in records]
     answers = [[r["paraphrased_completion"], *r["perturbed_completions"]] for r in records]
     flat = [
         {"prompt": q, "completion": a}
@@ -106,6 +112,20 @@ def answer_log_probs(
         perturbed.append(log_p[start + 1 : start + len(group)])
         start += len(group)
     return np.array(paraphrased), perturbed
+
+
+def question_of(record: Mapping[str, Any], question: str = DEFAULT_QUESTION) -> str:
+    """The question a record's answers are scored after (see :data:`QUESTIONS`).
+
+    >>> record = {"prompt": "Where?", "paraphrased_prompt": "In which place?"}
+    >>> question_of(record), question_of(record, "paraphrased")
+    ('Where?', 'In which place?')
+    """
+    if question not in QUESTIONS:
+        raise ValueError(f"question must be one of {QUESTIONS}, got {question!r}")
+    if question == "paraphrased":
+        return record.get("paraphrased_prompt") or record["prompt"]
+    return record["prompt"]
 
 
 def truth_ratio_metric(
@@ -127,13 +147,14 @@ def truth_ratio(
     forget: bool,
     batch_size: int = 32,
     progress: bool | None = None,
+    question: str = DEFAULT_QUESTION,
 ) -> dict[str, Any]:
     """The truth-ratio metric of a split (unavailable when records lack the answers)."""
     reason = truth_ratio_fields_missing(records)
     if reason is not None:
         return unavailable(reason)
     paraphrased, perturbed = answer_log_probs(
-        model, task, records, batch_size=batch_size, progress=progress
+        model, task, records, batch_size=batch_size, progress=progress, question=question
     )
     return truth_ratio_metric(paraphrased, perturbed, forget=forget)
 

@@ -10,9 +10,11 @@ with every answer scored on the same question. The correct answer is the record'
 same question (``paraphrased_prompt``, else ``prompt``) — the scores the truth ratio uses.
 
 Model utility: the harmonic mean H(x₁…x_n) = n / Σᵢ 1/xᵢ of {probability, ROUGE-L recall,
-truth ratio} on each non-forget split kept for utility (``retain`` and ``world``; TOFU
-uses retain, real authors and world facts): 6 numbers here, 9 in TOFU. A zero component
-gives H = 0; a component that cannot be computed is left out and named nowhere else.
+truth ratio} on each utility split present: ``retain``, ``real_authors`` and ``world``.
+With all three, it is TOFU's model utility exactly (9 numbers; ``definition`` "tofu");
+without real authors (the embedded world has none) it is the 6 numbers of retain and
+world (``definition`` "retain+world"), which the report names. A zero component gives
+H = 0; a component that cannot be computed is left out and listed in ``missing``.
 
 >>> normalised_probability(np.log([0.6]), [np.log([0.2, 0.1])]).round(6).tolist()
 [0.666667]
@@ -29,7 +31,7 @@ import numpy as np
 
 from analysis.scoring import CompletionScores
 
-UTILITY_SPLITS = ("retain", "world")
+UTILITY_SPLITS = ("retain", "real_authors", "world")  # TOFU's three, in its order
 UTILITY_METRICS = ("probability", "rouge_l_recall", "truth_ratio")
 
 
@@ -83,23 +85,31 @@ def model_utility(
     metrics: Mapping[str, Mapping[str, Mapping[str, Any]]],
     splits: Sequence[str] = UTILITY_SPLITS,
 ) -> dict[str, Any]:
-    """``{"value": H(components), "components": {"<split>/<metric>": value}}`` for one model.
+    """``{"value": H(components), "components": {"<split>/<metric>": value}, "definition",
+    "missing"}`` for one model.
 
-    ``metrics[split][metric]["value"]`` as in the audit report; splits that are absent and
-    metrics whose value is None are left out.
+    ``metrics[split][metric]["value"]`` as in the audit report; splits that are absent are
+    left out, metrics whose value is None are listed in ``missing``. ``definition``:
+    ``tofu`` when all of TOFU's 9 components are there, else the splits used.
 
     >>> metrics = {"retain": {"probability": {"value": 0.5}, "rouge_l_recall": {"value": 1.0},
     ...                       "truth_ratio": {"value": None}}}
     >>> utility = model_utility(metrics)
     >>> utility["value"], utility["components"]
     (0.6666666666666666, {'retain/probability': 0.5, 'retain/rouge_l_recall': 1.0})
+    >>> utility["definition"], utility["missing"]
+    ('retain', ['retain/truth_ratio'])
     """
-    components = {
-        f"{split}/{name}": float(metrics[split][name]["value"])
-        for split in splits
-        if split in metrics
-        for name in UTILITY_METRICS
-        if name in metrics[split] and metrics[split][name].get("value") is not None
-    }
+    present = [split for split in splits if split in metrics]
+    components, missing = {}, []
+    for split in present:
+        for name in UTILITY_METRICS:
+            value = (metrics[split].get(name) or {}).get("value")
+            if value is None:
+                missing.append(f"{split}/{name}")
+            else:
+                components[f"{split}/{name}"] = float(value)
     value = harmonic_mean(list(components.values())) if components else None
-    return {"value": value, "components": components}
+    tofu = tuple(present) == UTILITY_SPLITS and not missing
+    definition = "tofu" if tofu else "+".join(present)
+    return {"value": value, "components": components, "definition": definition, "missing": missing}

@@ -31,6 +31,7 @@ STORAGE_ERRORS = frozenset(
 LIBRARY_LOGGERS = ("excise", "attribution", "unlearn", "analysis")
 FORGET_GUARD = 288  # guard-set size of excise forget (benchmarks/results/stranger_guard288.md)
 GUARD_CHOICES = ("random", "influence")  # random first: influence did not beat it
+TRUTH_QUESTIONS = ("original", "paraphrased")  # analysis.truth.QUESTIONS, default first
 GUARD_HOW = {"random": "drawn at random", "influence": "predicted to be damaged most"}
 
 
@@ -166,7 +167,14 @@ def _run_world(args: argparse.Namespace) -> int:
     from excise.world import PRESETS, build_world
 
     settings = PRESETS[args.size](seed=args.seed)
-    folder, built = build_world(settings, out=args.out, progress=False if args.quiet else None)
+
+    def note(message: str) -> None:
+        if not args.quiet:
+            print(f"excise world: {message}", file=sys.stderr)
+
+    folder, built = build_world(
+        settings, out=args.out, progress=False if args.quiet else None, note=note
+    )
     if not args.quiet:
         verb = "built" if built else "reused"
         print(f"excise world: {verb} the {args.size} world", file=sys.stderr)
@@ -286,6 +294,12 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forget", required=True, help="the examples that were forgotten")
     parser.add_argument("--retain", required=True, help="examples whose knowledge to keep")
     parser.add_argument("--neighbor", help="out of scope but close to the forget set")
+    parser.add_argument(
+        "--real-authors",
+        dest="real_authors",
+        help="real people's facts (TOFU's real authors: with --retain and --world, model "
+        "utility is TOFU's 9 components)",
+    )
     parser.add_argument("--world", help="general knowledge (model utility)")
     parser.add_argument("--holdout", help="never trained on (membership inference)")
     parser.add_argument(
@@ -299,7 +313,16 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_relearn_arguments(parser: argparse.ArgumentParser) -> None:
-    """The relearning probe's options (analysis.relearning's STEPS and LEARNING_RATE)."""
+    """The audit's options shared with excise forget: the relearning probe's
+    (analysis.relearning's STEPS and LEARNING_RATE) and the truth ratio's question."""
+    parser.add_argument(
+        "--truth-question",
+        choices=TRUTH_QUESTIONS,
+        default=TRUTH_QUESTIONS[0],
+        help="the question the truth ratio scores its answers after: original (TOFU's, even "
+        "when a reworded question exists) or paraphrased (the record's paraphrased_prompt) "
+        "(default: original)",
+    )
     parser.add_argument(
         "--relearn-steps",
         type=int,
@@ -373,6 +396,11 @@ def _add_forget_arguments(parser: argparse.ArgumentParser) -> None:
         "--train", help="the training set to attribute over (default: forget + retain)"
     )
     parser.add_argument("--neighbor", help="out of scope but close to the forget set (audit)")
+    parser.add_argument(
+        "--real-authors",
+        dest="real_authors",
+        help="real people's facts (audit: with --retain and --world, TOFU's model utility)",
+    )
     parser.add_argument("--world", help="general knowledge (audit: model utility)")
     parser.add_argument("--holdout", help="never trained on (audit: membership inference)")
     parser.add_argument(

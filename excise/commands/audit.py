@@ -26,6 +26,7 @@ from typing import Any
 from analysis.audit import SPLITS, audit, check_same_architecture, check_same_tokenizer
 from analysis.relearning import LEARNING_RATE, STEPS
 from analysis.report import ReportPaths, write_report
+from analysis.truth import DEFAULT_QUESTION
 from attribution.artifacts import (
     atomic_directory,
     check_output_folder,
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             seed=args.seed,
             batch_size=args.batch_size,
             progress=False if args.quiet else None,
+            truth_question=args.truth_question,
         )
     paths = ReportPaths(out / "report.json", out / "report.html", out / "report.md")
     return {
@@ -95,6 +97,7 @@ def audit_models(
     batch_size: int = 32,
     fingerprints: Mapping[str, str] | None = None,
     progress: bool | None = None,
+    truth_question: str = DEFAULT_QUESTION,
 ) -> tuple[dict[str, Any], ReportPaths | None]:
     """Audit in-memory models; with ``out``, write report.json/html/md into that folder.
 
@@ -119,6 +122,7 @@ def audit_models(
         batch_size=batch_size,
         fingerprints=fingerprints,
         progress=progress,
+        truth_question=truth_question,
     )
     written = write_report(report, out) if out is not None else None
     return report, written

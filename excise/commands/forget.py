@@ -204,6 +204,7 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
                 seed=args.seed,
                 fingerprints={"before": edit.fingerprint_before, "after": edit.fingerprint_after},
                 progress=progress,
+                truth_question=args.truth_question,
             )
             report["foresight"] = influence_foresight(chosen["damage"], inputs, report)
             report["warnings"] = warnings  # the audit's, and what only this run knows
@@ -239,7 +240,11 @@ def check_not_unrecorded(out: Path, ledger: Ledger) -> None:
 
 def uses_world(args: argparse.Namespace) -> bool:
     """Whether the run works on the embedded world (no model or data named)."""
-    names = ("model", "forget", "retain", "train", "neighbor", "world", "holdout", "reference")
+    names = (
+        "model",
+        *("forget", "retain", "train", "neighbor", "real_authors", "world", "holdout"),
+        "reference",
+    )
     return not any(getattr(args, k) for k in names)
 
 
@@ -273,14 +278,14 @@ def resolve_inputs(args: argparse.Namespace, note: Callable[[str], None]) -> For
     return inputs
 
 
-_FILES = ("train", "forget", "retain", "neighbor", "world", "holdout")
+_FILES = ("train", "forget", "retain", "neighbor", "real_authors", "world", "holdout")
 
 
 def _world_inputs(size: str, note: Callable[[str], None], progress: bool | None) -> ForgetInputs:
     from excise.world import PRESETS, build_world
     from excise.world.build import TRAINED_ON
 
-    folder, built = build_world(PRESETS[size](), progress=progress)
+    folder, built = build_world(PRESETS[size](), progress=progress, note=note)
     note(f"{'built' if built else 'using'} the embedded {size} world: {folder}")
     inputs = ForgetInputs(
         model=folder / "base",

@@ -197,7 +197,7 @@ def _privleak(section: dict, role: str, attack: str) -> float:
         section[role]["attacks"][attack]["auc"],
         section["reference"]["attacks"][attack]["auc"],
     )
-    return (auc - ref) / ref * 100
+    return ((1 - auc) - (1 - ref)) / (1 - ref) * 100  # MUSE's
 
 
 # --- knowledge shift
@@ -343,6 +343,7 @@ def _headline(report: dict) -> dict:
         "total_tensors": params["total_tensors"],
         "forget_quality_d": report["forget_quality_null"].get("after_d"),
         "forget_quality_null_p90": report["forget_quality_null"].get("p90"),
+        "privleak": ((report["membership"].get("privleak") or {}).get("after") or {}).get("min_k"),
     }
 
 

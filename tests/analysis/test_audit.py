@@ -26,7 +26,7 @@ from tests.attribution.models import tiny_llama
 TOP = {
     "schema", "excise_version", "created_utc", "models", "splits", "metrics", "forget_quality",
     "model_utility", "membership", "shift", "parameters", "relearning", "headline",
-    "forget_quality_null", "warnings",
+    "forget_quality_null", "warnings", "definitions", "seconds",
 }  # fmt: skip
 METRICS = {
     "probability", "rouge_l_recall", "truth_ratio", "exact_memorization", "extraction_strength",
@@ -36,6 +36,7 @@ HEADLINE = {
     "forget_probability_reference", "model_utility_before", "model_utility_after",
     "neighbor_log_prob_change", "retain_log_prob_change", "changed_parameters_fraction",
     "identical_tensors", "total_tensors", "forget_quality_d", "forget_quality_null_p90",
+    "privleak",
 }  # fmt: skip
 
 
@@ -114,13 +115,20 @@ def test_base_against_reference(full):
     membership = full["membership"]
     assert membership["available"] and set(membership["privleak"]) == {"before", "after"}
     assert all(v == 0.0 for v in membership["privleak"]["after"].values())
-    assert all(v > 0.0 for v in membership["privleak"]["before"].values())
+    assert all(v < 0.0 for v in membership["privleak"]["before"].values())  # MUSE: leaking
+    assert full["headline"]["privleak"] == membership["privleak"]["after"]["min_k"] == 0.0
+    assert membership["k"] == 0.4
+    definitions = full["definitions"]
+    assert definitions["truth_ratio_question"] == "original" and definitions["min_k"] == 0.4
+    assert definitions["model_utility"] == "retain+world"  # no real_authors split here
+    assert set(full["seconds"]) >= {"metrics per model and split", "knowledge shift", "relearning"}
     assert full["relearning"]["available"] and full["relearning"]["steps"] == 2
     world = full["metrics"]["world"]["before"]["probability"]["per_example"]
     assert all(0 < p < 1 for p in world)  # normalised against the perturbed answers
     utility = full["model_utility"]["before"]["components"]
     names = ("probability", "rouge_l_recall", "truth_ratio")
     assert set(utility) == {f"{s}/{m}" for s in ("retain", "world") for m in names}
+    assert full["model_utility"]["before"]["definition"] == "retain+world"
 
 
 def test_a_model_against_itself(same):

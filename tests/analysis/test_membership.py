@@ -62,21 +62,26 @@ def test_attack_scores_by_hand():
     text = " Born in Yrhalton."
     z = len(zlib.compress(text.encode()))
     assert zlib_score(log_prob, text) == pytest.approx(np.mean(log_prob) / z)
-    # 20 % of 10 tokens: the two lowest, 0.05 and 0.1
-    assert min_k_score(log_prob) == pytest.approx((math.log(0.05) + math.log(0.1)) / 2)
-    assert min_k_score(log_prob[:3]) == pytest.approx(math.log(0.1))  # at least one token
+    # k = 40 % (open-unlearning's and MUSE's) of 10 tokens: the four lowest
+    lowest = [0.05, 0.1, 0.2, 0.3]
+    assert min_k_score(log_prob) == pytest.approx(np.mean(np.log(lowest)))
+    assert min_k_score(log_prob, k=0.2) == pytest.approx((math.log(0.05) + math.log(0.1)) / 2)
+    assert min_k_score(log_prob[:2]) == pytest.approx(math.log(0.1))  # at least one token
     mean, std = np.full(10, -1.0), np.full(10, 2.0)
     assert min_k_plus_plus_score(log_prob, mean, std) == pytest.approx(
-        ((math.log(0.05) + 1) / 2 + (math.log(0.1) + 1) / 2) / 2
+        np.mean([(math.log(p) + 1) / 2 for p in lowest])
     )
 
 
-def test_privleak_by_hand():
-    assert privleak(0.6, 0.5) == pytest.approx(20.0)
-    assert privleak(0.4, 0.5) == pytest.approx(-20.0)
+def test_privleak_is_muses():
+    """MUSE labels the forget set 0: ((1 − A) − (1 − A_ref)) / (1 − A_ref) × 100."""
+    assert privleak(0.6, 0.5) == pytest.approx(-20.0)  # told apart better: leaking
+    assert privleak(0.4, 0.5) == pytest.approx(20.0)
+    assert privleak(0.9, 0.45) == pytest.approx((0.1 - 0.55) / 0.55 * 100)  # −81.8, not +100
+    assert privleak(0.7, 1.0) is None
     result = {"attacks": {a: {"auc": 0.75} for a in ATTACKS}}
     reference = {"attacks": {a: {"auc": 0.5} for a in ATTACKS}}
-    assert privleak_by_attack(result, reference) == {a: pytest.approx(50.0) for a in ATTACKS}
+    assert privleak_by_attack(result, reference) == {a: pytest.approx(-50.0) for a in ATTACKS}
 
 
 @pytest.fixture(scope="module")

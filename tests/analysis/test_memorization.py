@@ -45,12 +45,43 @@ def test_token_statistics_agree_with_teacher_forced_scores(reference, tiny_world
     task = LanguageModelingTask(tokenizer)
     records = read_split(tiny_world, "forget")[:6] + read_split(tiny_world, "world")[:3]
     stats = token_statistics(model, task, records, batch_size=4)
+    # the loss keeps the final end-of-sequence label; the token metrics leave it out
     scores = score_completions(model, task, records)
-    sums = torch.tensor([lp.sum() for lp in stats.log_prob], dtype=torch.float64)
+    eos = tokenizer.eos_token_id
+    full = [encode_record(tokenizer, r) for r in records]
+    assert all(e["labels"][-1] == eos for e in full)
+    assert [len(lp) for lp in stats.log_prob] == (scores.n_tokens - 1).tolist()
+    assert [t.tolist() for t in stats.targets] == [
+        [label for label in e["labels"] if label != -100][:-1] for e in full
+    ]
+    with_eos = _statistics_with_eos(model, task, records)
+    sums = torch.tensor([lp.sum() for lp in with_eos.log_prob], dtype=torch.float64)
     assert torch.allclose(-sums, scores.nll.double(), atol=1e-4)
-    assert [int(c.sum()) for c in stats.correct] == scores.n_correct.tolist()
+    assert [int(c.sum()) for c in with_eos.correct] == scores.n_correct.tolist()
+    for dropped, kept in zip(stats.log_prob, with_eos.log_prob, strict=True):
+        assert np.array_equal(dropped, kept[:-1])
     em = exact_memorization(model, task, records)
-    assert em["per_example"] == pytest.approx((scores.n_correct / scores.n_tokens).tolist())
+    assert em["per_example"] == pytest.approx([c.mean() for c in stats.correct])
+
+
+def _statistics_with_eos(model, task, records):
+    """Token statistics with every target kept (a task whose tokenizer names no EOS)."""
+
+    class NoEos:
+        def __init__(self, tokenizer):
+            self._tokenizer = tokenizer
+            self.eos_token_id = None
+
+        def __getattr__(self, name):
+            return getattr(self._tokenizer, name)
+
+    class Keep(LanguageModelingTask):
+        def encode(self, example):
+            return task.encode(example)
+
+    keep = Keep(NoEos(task.tokenizer))
+    keep.pad_id = task.pad_id
+    return token_statistics(model, keep, records, batch_size=4)
 
 
 def test_vocabulary_moments_match_a_direct_computation(reference, tiny_world):
@@ -61,6 +92,9 @@ def test_vocabulary_moments_match_a_direct_computation(reference, tiny_world):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([encoded["input_ids"]])).logits[0].double()
     positions = [t - 1 for t, label in enumerate(encoded["labels"]) if label != -100]
+    assert encoded["labels"][-1] == tokenizer.eos_token_id
+    positions = positions[:-1]  # the final end-of-sequence label is left out
+    assert len(stats.mean[0]) == len(positions)
     for i, t in enumerate(positions):
         logp = torch.log_softmax(logits[t], -1)
         p = logp.exp()
@@ -78,7 +112,8 @@ def test_extraction_strength_matches_greedy_decoding(reference, tiny_world):
     for record, value in zip(records, fast, strict=True):
         encoded = encode_record(tokenizer, record)
         start = next(i for i, label in enumerate(encoded["labels"]) if label != -100)
-        ids, answer = encoded["input_ids"][:start], encoded["input_ids"][start:]
+        # the answer without its final end-of-sequence token (open-unlearning's convention)
+        ids, answer = encoded["input_ids"][:start], encoded["input_ids"][start:-1]
         k = len(answer)
         for prefix in range(len(answer) + 1):
             rest = answer[prefix:]

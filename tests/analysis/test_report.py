@@ -183,7 +183,7 @@ def test_markdown_escapes_pipes_and_markup(nasty_report):
     assert "/models/a\\|b c" in text
     assert not re.search(r"(?<!\\)[<>`]", text) and "\\<script\\>" in text
     table = [line for line in text.splitlines() if line.startswith("|")]
-    assert len(table) == 10  # header, rule, 8 headline rows
+    assert len(table) == 11  # header, rule, 9 headline rows
     assert all(len(re.findall(r"(?<!\\)\|", line)) == 4 for line in table)
 
 

@@ -65,22 +65,30 @@ def models(tiny_world):
     return load_model(tiny_world / "base"), load_model(tiny_world / "reference")
 
 
-def test_answers_are_scored_on_the_paraphrased_question(models, tiny_world):
+@pytest.mark.parametrize("question", ["original", "paraphrased"])
+def test_answers_are_scored_on_the_chosen_question(models, tiny_world, question):
+    """TOFU scores both answers after the original question (the default); the option
+    ``paraphrased`` asks the reworded one where a record has it."""
     (model, tokenizer), _ = models
     records = read_split(tiny_world, "forget")[:3]
     records.append({k: v for k, v in records[0].items() if k != "paraphrased_prompt"})
     task = LanguageModelingTask(tokenizer)
-    paraphrased, perturbed = answer_log_probs(model, task, records, batch_size=2)
+    options = {} if question == "original" else {"question": question}
+    paraphrased, perturbed = answer_log_probs(model, task, records, batch_size=2, **options)
     for i, record in enumerate(records):
-        question = record.get("paraphrased_prompt", record["prompt"])
+        reworded = question == "paraphrased" and "paraphrased_prompt" in record
+        question_text = record["paraphrased_prompt"] if reworded else record["prompt"]
         answers = [record["paraphrased_completion"], *record["perturbed_completions"]]
         scores = score_completions(
-            model, task, [{"prompt": question, "completion": a} for a in answers]
+            model, task, [{"prompt": question_text, "completion": a} for a in answers]
         )
         expected = (-scores.nll / scores.n_tokens).double().numpy()
         assert paraphrased[i] == pytest.approx(expected[0], abs=1e-5)
         assert perturbed[i] == pytest.approx(expected[1:], abs=1e-5)
-    assert paraphrased[3] != pytest.approx(paraphrased[0])  # asked the original question
+    if question == "original":
+        assert paraphrased[3] == pytest.approx(paraphrased[0])  # the same question
+    else:
+        assert paraphrased[3] != pytest.approx(paraphrased[0])  # asked the original question
 
 
 def test_base_is_far_from_the_reference_and_the_reference_from_itself_is_not(models, tiny_world):

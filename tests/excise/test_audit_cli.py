@@ -155,6 +155,10 @@ def test_cli_defaults_follow_the_library():
         ["audit", "--before", "b", "--after", "a", "--forget", "f", "--retain", "r", "--out", "o"]
     )
     assert (args.relearn_steps, args.relearn_lr) == (STEPS, LEARNING_RATE)
+    from analysis.truth import DEFAULT_QUESTION, QUESTIONS
+    from excise.cli import TRUTH_QUESTIONS
+
+    assert TRUTH_QUESTIONS == QUESTIONS and args.truth_question == DEFAULT_QUESTION
 
 
 @pytest.fixture(scope="module")

@@ -98,8 +98,9 @@ def test_reference_model_does_not_know_the_forget_people(exact_rates):
 
 def test_second_build_reuses_the_world(tiny_world):
     stamp = (tiny_world / "base" / "model.safetensors").stat().st_mtime_ns
-    folder, built = build_world(tiny(), out=tiny_world)
-    assert (folder, built) == (tiny_world, False)
+    notes = []
+    folder, built = build_world(tiny(), out=tiny_world, note=notes.append)
+    assert (folder, built, notes) == (tiny_world, False, [])
     assert (tiny_world / "base" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
@@ -115,9 +116,15 @@ def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
         raise RuntimeError("simulated crash during training")
 
     monkeypatch.setattr(train, "train_model", broken)
+    notes = []
     with pytest.raises(RuntimeError, match="simulated"):
-        build_world(tiny(), out=tmp_path / "w")
+        build_world(tiny(), out=tmp_path / "w", note=notes.append)
     assert list(tmp_path.iterdir()) == []
+    # said before the long step: what, where, how long (issue 14)
+    assert notes == [
+        f"building the embedded tiny world into {tmp_path / 'w'} (about 30 seconds on 2 CPU "
+        "cores; once, then reused) ..."
+    ]
 
 
 def test_cache_follows_excise_home(monkeypatch, tmp_path):
