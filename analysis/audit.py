@@ -53,21 +53,18 @@ from analysis.membership import (
     attack_scores,
     privleak_by_attack,
 )
-from analysis.memorization import TokenStatistics, memorization_metrics, token_statistics
+from analysis.memorization import TokenStatistics, token_statistics
+from analysis.metrics import check_metric_names, split_metrics
 from analysis.relearning import LEARNING_RATE, STEPS, relearning_robustness
-from analysis.rouge import rouge_l_recall, unavailable
-from analysis.scoring import score_completions
 from analysis.shift import N_RESAMPLES, knowledge_shift, parameter_change
 from analysis.truth import (
     DEFAULT_QUESTION,
     QUESTIONS,
-    answer_log_probs,
     forget_quality,
     forget_quality_unavailable,
     truth_ratio_fields_missing,
-    truth_ratio_metric,
 )
-from analysis.utility import model_utility, normalised_probability_metric, probability_metric
+from analysis.utility import model_utility
 from attribution.artifacts import package_version, utc_timestamp
 from attribution.data import shared_records
 from attribution.errors import InputError
@@ -80,7 +77,6 @@ REQUIRED_SPLITS = ("forget", "retain")
 SPLITS = ("forget", "retain", "neighbor", "real_authors", "world", "holdout")
 METRIC_SPLITS = ("forget", "retain", "neighbor", "real_authors", "world")
 SHIFT_SPLITS = ("neighbor", "retain", "world", "forget")
-NORMALISED_SPLITS = ("real_authors", "world")  # probability against the wrong answers (TOFU)
 
 
 class AuditInputError(InputError):
@@ -129,6 +125,7 @@ def audit(
     fingerprints: Mapping[str, str] | None = None,
     progress: bool | None = None,
     truth_question: str = DEFAULT_QUESTION,
+    metrics: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The ``excise-audit/1`` report of ``after`` (unlearned) against ``before`` (original).
 
@@ -140,19 +137,27 @@ def audit(
     recorded as given; ``fingerprints`` (role → fingerprint) spares hashing a model whose
     fingerprint the caller has. ``seed`` drives the bootstrap and relearning.
     ``truth_question``: the question the truth ratio's answers are scored after
-    (``original``, TOFU's, or ``paraphrased``; :mod:`analysis.truth`).
+    (``original``, TOFU's, or ``paraphrased``; :mod:`analysis.truth`). ``metrics``: the
+    per-split metrics to compute (names of :data:`analysis.metrics.METRICS`; default all;
+    the others are reported unavailable, "not selected").
     """
     splits = check_splits(splits)
     models = _check_models(before, after, reference)
     if truth_question not in QUESTIONS:
         raise AuditInputError(f"truth_question must be one of {QUESTIONS}, got {truth_question!r}")
+    try:
+        metrics = check_metric_names(metrics)
+    except InputError as error:
+        raise AuditInputError(str(error)) from None
     options = {"batch_size": batch_size, "progress": progress}
     seconds: dict[str, float] = {}
     timed = _Stopwatch(seconds)
     with evaluating(*models.values()):
         with timed("metrics per model and split"):
             roles = {
-                r: _role_metrics(m, task, splits, question=truth_question, **options)
+                r: _role_metrics(
+                    m, task, splits, question=truth_question, metrics=metrics, **options
+                )
                 for r, m in models.items()
             }
         report = {
@@ -265,6 +270,7 @@ def _role_metrics(
     batch_size: int,
     progress: bool | None,
     question: str = DEFAULT_QUESTION,
+    metrics: Sequence[str] | None = None,
 ) -> _RoleResult:
     result = _RoleResult()
     for name, records in splits.items():
@@ -280,44 +286,9 @@ def _role_metrics(
                 batch_size=batch_size,
                 progress=progress,
                 question=question,
+                metrics=metrics,
             )
     return result
-
-
-def split_metrics(
-    model: nn.Module,
-    task: Task,
-    split: str,
-    records: Sequence[Mapping[str, Any]],
-    *,
-    stats: TokenStatistics | None = None,
-    batch_size: int = 32,
-    progress: bool | None = None,
-    question: str = DEFAULT_QUESTION,
-) -> dict[str, dict[str, Any]]:
-    """The five metrics of one model on one split (``{"probability": {...}, ...}``).
-
-    The truth ratio uses the forget aggregate on the ``forget`` split; on ``world`` the
-    probability is normalised against the perturbed answers when the records have them.
-    """
-    options = {"batch_size": batch_size, "progress": progress}
-    scores = score_completions(model, task, records, **options)
-    out = {"probability": probability_metric(scores)}
-    reason = truth_ratio_fields_missing(records)
-    if reason is None:
-        paraphrased, perturbed = answer_log_probs(
-            model, task, records, question=question, **options
-        )
-        truth = truth_ratio_metric(paraphrased, perturbed, forget=split == "forget")
-        if split in NORMALISED_SPLITS:
-            out["probability"] = normalised_probability_metric(paraphrased, perturbed)
-    else:
-        truth = unavailable(reason)
-    out["rouge_l_recall"] = rouge_l_recall(model, task, records, **options)
-    out["truth_ratio"] = truth
-    stats = stats or token_statistics(model, task, records, **options)
-    out.update(memorization_metrics(stats))
-    return out
 
 
 def _models_section(

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from analysis.scoring import per_record
+from analysis.scoring import CompletionScores, per_record
 from attribution.task import Task, TokenScores, scored_batches
 
 
@@ -44,7 +44,9 @@ class TokenStatistics:
 
     ``log_prob``: log p(yₜ); ``correct``: argmax = yₜ; ``mean``/``std``: μₜ = Σᵥ p(v) log p(v)
     and σₜ = sqrt(Σᵥ p(v) (log p(v))² − μₜ²), the moments of log p under v ~ p (Min-K%++);
-    ``targets``: the token ids yₜ.
+    ``targets``: the token ids yₜ. ``scores``: the whole answer's summed NLL, token count and
+    correct count, end of sequence included (the probability's and the loss's view), from
+    the same forward pass — one pass per model and split serves every metric.
     """
 
     log_prob: list[np.ndarray]
@@ -52,6 +54,7 @@ class TokenStatistics:
     mean: list[np.ndarray]
     std: list[np.ndarray]
     targets: list[np.ndarray] = field(default_factory=list)
+    scores: CompletionScores | None = None
 
 
 def token_statistics(
@@ -67,11 +70,15 @@ def token_statistics(
     eos = getattr(getattr(task, "tokenizer", None), "eos_token_id", None)
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("log_prob", "correct", "mean", "std")}
     out["targets"] = []
+    whole: list[tuple[torch.Tensor, ...]] = []
     batches = scored_batches(model, task, records, batch_size, "token statistics", progress)
     for *_, scores in batches:
         for key, value in _batch_statistics(scores, eos).items():
             out[key].extend(value)
-    return TokenStatistics(**out)
+        whole.append((scores.nll.cpu(), scores.length.cpu(), scores.correct.sum(1).cpu()))
+    empty = (torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    nll, n_tokens, n_correct = (torch.cat(parts) for parts in zip(*(whole or [empty]), strict=True))
+    return TokenStatistics(**out, scores=CompletionScores(nll, n_tokens, n_correct))
 
 
 def _batch_statistics(scores: TokenScores, eos: int | None = None) -> dict[str, list[np.ndarray]]:

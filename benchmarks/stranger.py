@@ -218,7 +218,7 @@ def _run(world: World, config: Config, seed: int, chosen: list[int]) -> dict[str
 def _utility(model, task, splits) -> float:
     """The audit's model utility (harmonic mean over the utility splits the world has:
     retain and world)."""
-    from analysis.audit import split_metrics
+    from analysis.metrics import split_metrics
     from analysis.utility import UTILITY_SPLITS, model_utility
 
     metrics = {s: split_metrics(model, task, s, splits[s]) for s in UTILITY_SPLITS if s in splits}

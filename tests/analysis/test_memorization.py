@@ -131,3 +131,16 @@ def test_extraction_strength_matches_greedy_decoding(reference, tiny_world):
                 break
         assert value == pytest.approx(1 - k / len(answer))
     assert 0 < np.mean(fast) < 1  # the reference model reproduces some answers only in part
+
+
+def test_one_pass_gives_the_probabilitys_scores_too(reference, tiny_world):
+    """The statistics' whole-answer scores (end of sequence included) are score_completions'."""
+    model, tokenizer = reference
+    task = LanguageModelingTask(tokenizer)
+    records = read_split(tiny_world, "retain")[:5]
+    stats = token_statistics(model, task, records, batch_size=2)
+    scores = score_completions(model, task, records)
+    assert torch.allclose(stats.scores.nll, scores.nll, atol=1e-5)
+    assert torch.equal(stats.scores.n_tokens, scores.n_tokens)
+    assert torch.equal(stats.scores.n_correct, scores.n_correct)
+    assert token_statistics(model, task, []).scores.nll.numel() == 0
