@@ -20,14 +20,13 @@ about 15 times faster than ``rouge_score``'s pure-Python table, a fifth off a wh
 where the stemmer dominates. :func:`lcs_length_reference` is the obvious pure-Python
 version the kernel is tested against.
 
-Generation is greedy, as in TOFU. Each record may generate as many new tokens as its
-reference completion has (end-of-sequence included) plus ``EXTRA_TOKENS`` (8): recall
-counts only reference tokens, in order, so a generation that reproduces the answer needs
-no more than the answer's own length, and the slack allows a few extra or differently
-split tokens; the budget bounds the cost of a batch by its longest answer. TOFU instead
-lets a generation run to 200 tokens including the prompt (``max_length=200``), and
-open-unlearning's default generation config to 64 new tokens, so an answer that reaches
-the reference words only after a long preamble can score lower here than there.
+Generation follows TOFU's settings: greedy, up to ``MAX_LENGTH`` = 200 tokens prompt
+included (TOFU's ``max_length``), stopped at the end-of-sequence token — and never past
+the model's context (``max_position_embeddings`` or ``n_positions``). Each record's
+budget is 200 minus its own prompt's length (TOFU counts the batch's left padding too;
+per record, the result does not depend on the batch size). A longer generation can only
+raise recall, so a model that reaches the reference words after a preamble is scored as
+TOFU scores it.
 Generating needs a tokenizer: the task's ``tokenizer`` attribute (a task without one, or
 ``{"text"}`` records, mark the metric unavailable, with the reason).
 
@@ -53,11 +52,11 @@ import numba
 import numpy as np
 import torch
 
-from attribution.data import IGNORE_INDEX, encode_record, pad_token_id
+from attribution.data import pad_token_id
 from attribution.progress import progress_bar
 from attribution.task import Task
 
-EXTRA_TOKENS = 8  # generation budget beyond the reference's own token count (module doc)
+MAX_LENGTH = 200  # TOFU's generation max_length: prompt + new tokens (module doc)
 
 
 @functools.cache
@@ -145,29 +144,34 @@ def generate_completions(
     records: Sequence[Mapping[str, Any]],
     *,
     batch_size: int = 32,
-    extra_tokens: int = EXTRA_TOKENS,
+    max_length: int = MAX_LENGTH,
     progress: bool | None = None,
 ) -> list[str]:
     """Greedy completions of each record's ``prompt`` (decoded, special tokens dropped).
 
-    Each record may generate as many tokens as its reference completion has (end-of-
-    sequence included, as :func:`attribution.data.encode_record` labels them) plus
-    ``extra_tokens``; decoding stops at the end-of-sequence token. Prompts are left-padded
-    into batches (with the attention mask), so the result does not depend on
-    ``batch_size``; the tokenizer is not modified. The model runs on its own device.
+    Each record may generate ``max_length`` minus its prompt's length new tokens (at least
+    one), within the model's context; decoding stops at the end-of-sequence token. Prompts
+    are left-padded into batches (with the attention mask), and each row is cut to its own
+    budget, so the result does not depend on ``batch_size`` (unless the model's context,
+    counted with the batch's padding, is shorter than a budget); the tokenizer is not
+    modified. The model runs on its own device.
     """
     device = next(model.parameters()).device
     pad, eos = pad_token_id(tokenizer), tokenizer.eos_token_id
     prompts = [list(tokenizer(r["prompt"])["input_ids"]) for r in records]
-    budgets = [_answer_tokens(tokenizer, r) + extra_tokens for r in records]
+    budgets = [max(1, max_length - len(p)) for p in prompts]
+    context = _context(model)
     texts: list[str] = []
     for start in progress_bar(range(0, len(records), batch_size), "generating", progress):
         chunk = prompts[start : start + batch_size]
         input_ids, attention_mask = _left_pad(chunk, pad)
+        new = max(budgets[start : start + batch_size])
+        if context is not None:
+            new = max(1, min(new, context - input_ids.shape[1]))
         out = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
-            max_new_tokens=max(budgets[start : start + batch_size]),
+            max_new_tokens=new,
             do_sample=False,
             pad_token_id=pad,
             eos_token_id=eos,
@@ -217,9 +221,14 @@ def unavailable(reason: str) -> dict[str, Any]:
     return {"value": None, "per_example": [], "reason": reason}
 
 
-def _answer_tokens(tokenizer: Any, record: Mapping[str, Any]) -> int:
-    labels = encode_record(tokenizer, record)["labels"]
-    return sum(label != IGNORE_INDEX for label in labels)
+def _context(model: Any) -> int | None:
+    """The longest input the model takes, from its config (None if it names none)."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _left_pad(sequences: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -103,6 +103,31 @@ def test_generation_does_not_depend_on_batch_size(base, tiny_world):
     assert tokenizer.padding_side == side  # the tokenizer is not modified
 
 
+def test_the_generation_budget_is_tofus_max_length_within_the_context(base, tiny_world):
+    """TOFU: up to 200 tokens with the prompt; here never past the model's 64 positions."""
+    model, tokenizer = base
+    records = read_split(tiny_world, "holdout")[:4]
+    calls = []
+    original = model.generate
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["input_ids"].shape[1], kwargs["max_new_tokens"]))
+        return original(*args, **kwargs)
+
+    model.generate = spy
+    try:
+        generate_completions(model, tokenizer, records, batch_size=4)
+        short = generate_completions(model, tokenizer, records[:1], max_length=1)
+    finally:
+        del model.generate
+    context = model.config.max_position_embeddings
+    (width, new), (_, one) = calls
+    assert new == min(
+        200 - min(len(tokenizer(r["prompt"])["input_ids"]) for r in records), context - width
+    )
+    assert one == 1 and len(tokenizer(short[0])["input_ids"]) <= 3  # one token (+ specials)
+
+
 def test_the_base_model_recalls_its_training_answers(base, tiny_world):
     model, tokenizer = base
     records = read_split(tiny_world, "retain")[:8]
