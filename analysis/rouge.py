@@ -52,7 +52,7 @@ import numba
 import numpy as np
 import torch
 
-from attribution.data import pad_token_id
+from attribution.data import model_context, pad_token_id
 from attribution.progress import progress_bar
 from attribution.task import Task
 
@@ -160,7 +160,7 @@ def generate_completions(
     pad, eos = pad_token_id(tokenizer), tokenizer.eos_token_id
     prompts = [list(tokenizer(r["prompt"])["input_ids"]) for r in records]
     budgets = [max(1, max_length - len(p)) for p in prompts]
-    context = _context(model)
+    context = model_context(model)
     texts: list[str] = []
     for start in progress_bar(range(0, len(records), batch_size), "generating", progress):
         chunk = prompts[start : start + batch_size]
@@ -219,16 +219,6 @@ def rouge_l_recall(
 def unavailable(reason: str) -> dict[str, Any]:
     """The schema's marker of a metric that cannot be computed for a split."""
     return {"value": None, "per_example": [], "reason": reason}
-
-
-def _context(model: Any) -> int | None:
-    """The longest input the model takes, from its config (None if it names none)."""
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _left_pad(sequences: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -163,3 +163,16 @@ def shared_records(records: Sequence[Any], others: Sequence[Any]) -> list[Any]:
     return [
         r.get("id", r) if isinstance(r, Mapping) else r for r in records if trained_text(r) in held
     ]
+
+
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
+
+
+def model_context(model: Any) -> int | None:
+    """The longest input the model takes (tokens), from its config; None if it names none."""
+    config = getattr(model, "config", None)
+    for name in CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None

@@ -20,19 +20,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from attribution.data import model_context
 from excise.errors import BadInputError
 
-CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
-
-
-def model_context(model: Any) -> int | None:
-    """The longest input the model takes (tokens), from its config; None if it names none."""
-    config = getattr(model, "config", None)
-    for name in CONTEXT_FIELDS:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
+__all__ = ["check_fits_context", "model_context", "record_texts"]
 
 
 def record_texts(record: Mapping[str, Any]) -> list[str]:
