@@ -337,7 +337,7 @@ def stage_sums(
     """
     sums: dict[str, dict[str, torch.Tensor]] = {}
     stop = len(examples) if stop is None else stop
-    for batch, records in _passes(
+    for batch, records in training_passes(
         model, task, examples, arguments, modules, stage, start, stop, progress
     ):
         n_batch = batch["input_ids"].shape[0]
@@ -404,7 +404,7 @@ def partition_bounds(n: int, partitions: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in itertools.pairwise(edges) if b > a]
 
 
-def _passes(
+def training_passes(
     model: nn.Module,
     task: Task,
     examples: Sequence[Any],

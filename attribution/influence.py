@@ -31,6 +31,7 @@ from attribution.curvature import DTYPES, Damping, Factors, partition_bounds
 from attribution.errors import InputError
 from attribution.gradients import example_gradients, module_io, outer_sum
 from attribution.modules import select_modules
+from attribution.solve import conjugate_gradient
 from attribution.store import ScoreStore
 from attribution.task import Task, batches
 
@@ -52,6 +53,13 @@ class ScoreArguments:
     per_module: bool = field(default=False, metadata={"help": "keep each module's scores"})
     per_token: bool = field(default=False, metadata={"help": "keep each training token's score"})
     dtype: str = field(default="float32", metadata={"help": "float32 or float64"})
+    cg_iterations: int = field(
+        default=0,
+        metadata={
+            "help": "conjugate-gradient iterations on the exact damped curvature, preconditioned "
+            "by the factors and started from their solution (0: the factors' solution alone)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -60,6 +68,9 @@ class ScoreArguments:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"ScoreArguments.{name} must be an integer >= 1, got {value!r}")
+        cg = self.cg_iterations
+        if not isinstance(cg, int) or isinstance(cg, bool) or cg < 0:
+            raise InputError(f"ScoreArguments.cg_iterations must be an integer >= 0, got {cg!r}")
         if self.query_rank is not None and (
             not isinstance(self.query_rank, int) or self.query_rank < 1
         ):
@@ -117,18 +128,41 @@ def precondition_queries(
     factors: Factors,
     arguments: ScoreArguments | None = None,
     progress: bool | None = None,
+    train: Sequence[Any] | None = None,
 ) -> QueryGradients:
-    """P_q = (G + λI)⁻¹ ∇ℓ(q) for every query and module (optionally rank-r)."""
+    """P_q = (G + λI)⁻¹ ∇ℓ(q) for every query and module (optionally rank-r).
+
+    With ``arguments.cg_iterations`` > 0 the system is solved with the exact curvature of
+    ``train`` (required then) by preconditioned conjugate gradient (:mod:`attribution.solve`);
+    otherwise with the factors' approximation.
+    """
     arguments = arguments or ScoreArguments()
+    if arguments.cg_iterations and train is None:
+        raise InputError("cg_iterations needs the training examples (the exact curvature)")
     modules = _factor_modules(model, factors)
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
     for _, _, batch in batches(model, task, queries, arguments.batch_size, "queries", progress):
         grads = _gradients(model, task, batch, modules, arguments, measurement=True)
         for name, grad in grads.items():
-            chunks[name].append(factors.inverse_product(name, grad, arguments.damping))
+            chunks[name].append(
+                grad
+                if arguments.cg_iterations
+                else factors.inverse_product(name, grad, arguments.damping)
+            )
+    solved = {name: torch.cat(parts) for name, parts in chunks.items()}
+    if arguments.cg_iterations:
+        solved = conjugate_gradient(
+            model,
+            task,
+            train,
+            factors,
+            solved,
+            arguments.damping,
+            arguments.cg_iterations,
+            progress=progress,
+        ).solution
     result = QueryGradients()
-    for name, parts in chunks.items():
-        dense = torch.cat(parts)
+    for name, dense in solved.items():
         if arguments.query_rank is None:
             result.dense[name] = dense
         else:
@@ -148,7 +182,7 @@ def pairwise_scores(
     """Influence of every training example on every query (see the module docstring)."""
     arguments = arguments or ScoreArguments()
     if not isinstance(queries, QueryGradients):
-        queries = precondition_queries(model, task, queries, factors, arguments, progress)
+        queries = precondition_queries(model, task, queries, factors, arguments, progress, train)
     modules = _factor_modules(model, factors)
     n_q, n_train = queries.n_queries, len(train)
     total = torch.zeros(n_q, n_train, dtype=arguments.torch_dtype)
@@ -212,7 +246,9 @@ def stored_pairwise_scores(
         tensors = store.load(f"pairwise.part-{part}")
         if tensors is None:
             if prepared is None:
-                prepared = precondition_queries(model, task, queries, factors, arguments, progress)
+                prepared = precondition_queries(
+                    model, task, queries, factors, arguments, progress, train
+                )
             scores = pairwise_scores(
                 model, task, prepared, train[start:stop], factors, arguments, progress
             )
@@ -251,8 +287,13 @@ def self_scores(
     arguments: ScoreArguments | None = None,
     progress: bool | None = None,
 ) -> torch.Tensor:
-    """Self-influence ∇ℓ(z)ᵀ (G + λI)⁻¹ ∇ℓ(z) of every example, computed directly."""
+    """Self-influence ∇ℓ(z)ᵀ (G + λI)⁻¹ ∇ℓ(z) of every example, computed directly with
+    the factors' approximation (an exact solve per example is not offered)."""
     arguments = arguments or ScoreArguments()
+    if arguments.cg_iterations:
+        raise InputError(
+            "cg_iterations applies to pairwise scores; self-influence uses the factors' inverse"
+        )
     modules = _factor_modules(model, factors)
     result = []
     for _, _, batch in batches(model, task, train, arguments.batch_size, "self", progress):

@@ -207,6 +207,15 @@ def _add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, help="proponents and opponents per query (default 5)")
     parser.add_argument("--query-rank", type=int, help="rank-r approximation of query gradients")
     parser.add_argument(
+        "--cg-iterations",
+        type=int,
+        default=0,
+        help="solve each query's (G + λI) x = ∇ℓ(q) with the exact curvature of the training "
+        "set by conjugate gradient, preconditioned by the factors (EK-FAC: EK-FAC-preconditioned "
+        "CG; identity: plain CG) and started from their solution; one training pass per "
+        "iteration (default 0: the factors' solution)",
+    )
+    parser.add_argument(
         "--batch-size", type=int, default=16, help="sequences per pass (default 16)"
     )
     parser.add_argument("--max-length", type=int, help="truncate sequences to this many tokens")

@@ -51,7 +51,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         per_module=args.per_module,
         per_token=args.per_token,
         query_rank=args.query_rank,
+        cg_iterations=args.cg_iterations,
     )
+    if args.self_influence and score_arguments.cg_iterations:
+        raise BadInputError("--self with --cg-iterations: self-influence uses the factors alone")
     train, queries = read_records(args.train), read_records(args.query)
     check_apart(args.out, [args.model, args.train, args.query])  # one rule for every command
     model, tokenizer = load_model(args.model)

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from excise.cli import main
@@ -128,6 +129,8 @@ def assert_one_line_message(stderr, message):
         (["--damping", "nan"], "damping value must be a finite number"),
         (["--max-length", "-5"], "max_length must be an integer >= 1"),
         (["--query-rank", "0"], "query_rank must be >= 1"),
+        (["--cg-iterations", "-1"], "cg_iterations must be an integer >= 0"),
+        (["--cg-iterations", "2", "--self"], "--self with --cg-iterations"),
     ],
 )
 def test_bad_arguments_exit_2_and_write_nothing(files, tmp_path, extra, message):
@@ -214,3 +217,20 @@ def test_a_record_longer_than_the_context_is_refused_unless_cut(files, tmp_path)
     assert_one_line_error(result, "--max-length 65: more than the model's context of 64")
     assert not out.exists()
     assert attribute({**files, "train": long_train}, out, "--max-length", "32") == 0
+
+
+def test_cg_iterations_solve_with_the_exact_curvature(files, tmp_path):
+    """--cg-iterations: the scores move from the EK-FAC solution toward the exact solve
+    (the library's convergence to the dense solve is tests/attribution/test_solve.py)."""
+    plain, solved = tmp_path / "plain", tmp_path / "cg"
+    assert attribute(files, plain) == 0
+    assert (
+        attribute(files, solved, "--cg-iterations", "3", "--factors", str(plain / "factors")) == 0
+    )
+    with safe_open(plain / "scores" / "pairwise.safetensors", "pt") as handle:
+        before = handle.get_tensor("scores")
+    with safe_open(solved / "scores" / "pairwise.safetensors", "pt") as handle:
+        after = handle.get_tensor("scores")
+    assert before.shape == after.shape and not before.equal(after)
+    agreement = torch.corrcoef(torch.stack([before.flatten(), after.flatten()]))[0, 1]
+    assert agreement > 0.5  # the same influence, refined
