@@ -31,7 +31,7 @@ from attribution.curvature import DTYPES, Damping, Factors, partition_bounds
 from attribution.errors import InputError
 from attribution.gradients import example_gradients, module_io, outer_sum
 from attribution.modules import select_modules
-from attribution.solve import conjugate_gradient
+from attribution.solve import CURVATURES, conjugate_gradient
 from attribution.store import ScoreStore
 from attribution.task import Task, batches
 
@@ -53,6 +53,17 @@ class ScoreArguments:
     per_module: bool = field(default=False, metadata={"help": "keep each module's scores"})
     per_token: bool = field(default=False, metadata={"help": "keep each training token's score"})
     dtype: str = field(default="float32", metadata={"help": "float32 or float64"})
+    cg_curvature: str = field(
+        default="fisher",
+        metadata={
+            "help": "the exact matrix CG solves with: fisher (the factors' own, empirical or "
+            "true) or hessian (of the mean training loss, by double backpropagation)"
+        },
+    )
+    cg_preconditioned: bool = field(
+        default=True,
+        metadata={"help": "precondition CG with the factors (False: plain CG, the control)"},
+    )
     cg_iterations: int = field(
         default=0,
         metadata={
@@ -68,6 +79,11 @@ class ScoreArguments:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"ScoreArguments.{name} must be an integer >= 1, got {value!r}")
+        if self.cg_curvature not in CURVATURES:
+            raise InputError(
+                f"ScoreArguments.cg_curvature must be one of {CURVATURES}, "
+                f"got {self.cg_curvature!r}"
+            )
         cg = self.cg_iterations
         if not isinstance(cg, int) or isinstance(cg, bool) or cg < 0:
             raise InputError(f"ScoreArguments.cg_iterations must be an integer >= 0, got {cg!r}")
@@ -160,6 +176,8 @@ def precondition_queries(
             arguments.damping,
             arguments.cg_iterations,
             progress=progress,
+            preconditioned=arguments.cg_preconditioned,
+            curvature=arguments.cg_curvature,
         ).solution
     result = QueryGradients()
     for name, dense in solved.items():

@@ -10,7 +10,10 @@ empirical Fisher, the same seeded samples for the true Fisher),
     G v = (1/N) Σ_z G_z ⟨G_z, v⟩,     ⟨A, B⟩ = Σ_modules Σ_ij A_ij B_ij,
 
 one pass over the training set per product (every module's cross terms included, which
-the block-diagonal approximation leaves out). Conjugate gradient on A = G + D, batched
+the block-diagonal approximation leaves out). With ``curvature="hessian"``, G is instead
+the Hessian of the mean training loss with respect to the tracked parameters, H v by
+double backpropagation (what dattri's CG influence uses; it may be indefinite: a query
+whose direction has no positive curvature stops moving). Conjugate gradient on A = G + D, batched
 over queries (each query its own step sizes), with the fitted factors' damped inverse as
 the preconditioner M⁻¹ and warm-started from its solution x₀ = M⁻¹ b:
 
@@ -34,9 +37,10 @@ import torch
 from torch import nn
 
 from attribution.curvature import Damping, Factors, training_passes
+from attribution.errors import InputError
 from attribution.gradients import example_gradients
-from attribution.modules import select_modules
-from attribution.task import Task
+from attribution.modules import from_parameter_gradients, select_modules, to_parameter_gradients
+from attribution.task import Task, batches
 
 Vectors = dict[str, torch.Tensor]  # module → [n_q, out, in (+1)]
 
@@ -50,6 +54,9 @@ class Solve:
     residuals: list[torch.Tensor] = field(default_factory=list)
 
 
+CURVATURES = ("fisher", "hessian")
+
+
 def curvature_product(
     model: nn.Module,
     task: Task,
@@ -57,9 +64,14 @@ def curvature_product(
     factors: Factors,
     vectors: Mapping[str, torch.Tensor],
     progress: bool | None = False,
+    curvature: str = "fisher",
 ) -> Vectors:
     """G V for a batch of vectors V (module → [n_q, out, in (+1)]): one training pass."""
+    if curvature not in CURVATURES:
+        raise InputError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
     modules = select_modules(model, factors.modules)
+    if curvature == "hessian":
+        return hessian_product(model, task, train, modules, vectors, factors.arguments, progress)
     arguments = factors.arguments
     result = {name: torch.zeros_like(v) for name, v in vectors.items()}
     for _, records in training_passes(
@@ -74,11 +86,65 @@ def curvature_product(
     return {name: value / max(len(train), 1) for name, value in result.items()}
 
 
+def hessian_product(
+    model: nn.Module,
+    task: Task,
+    train: Sequence[Any],
+    modules: Mapping[str, nn.Module],
+    vectors: Mapping[str, torch.Tensor],
+    arguments: Any,
+    progress: bool | None = False,
+) -> Vectors:
+    """H V, H = ∇²((1/N) Σ_z ℓ(z)) over the tracked modules' weights (and biases), every
+    query's vector at once (``is_grads_batched``): one double-backward pass per batch."""
+    owners = [
+        (name, key)
+        for name in vectors
+        for key in to_parameter_gradients(modules[name], vectors[name])
+    ]
+    params = [getattr(modules[name], key) for name, key in owners]
+    tangents = {name: to_parameter_gradients(modules[name], vectors[name]) for name in vectors}
+    flags = [p.requires_grad for p in params]
+    result = {name: torch.zeros_like(v) for name, v in vectors.items()}
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for _, _, batch in batches(model, task, train, arguments.batch_size, "hessian", progress):
+            with torch.enable_grad():
+                loss = task.loss(model, batch).sum() / max(len(train), 1)
+                grads = torch.autograd.grad(loss, params, create_graph=True)
+                products = torch.autograd.grad(
+                    grads,
+                    params,
+                    grad_outputs=[
+                        tangents[n][k].to(p.dtype) for (n, k), p in zip(owners, params, strict=True)
+                    ],
+                    is_grads_batched=True,
+                )
+            found = dict(zip(owners, products, strict=True))
+            for name in vectors:
+                bias = found.get((name, "bias"))
+                result[name] += from_parameter_gradients(
+                    modules[name], found[(name, "weight")], bias
+                ).to(result[name].dtype)
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+    return result
+
+
 def damped_product(
-    model, task, train, factors: Factors, vectors: Mapping[str, torch.Tensor], damping, progress
+    model,
+    task,
+    train,
+    factors: Factors,
+    vectors: Mapping[str, torch.Tensor],
+    damping,
+    progress,
+    curvature: str = "fisher",
 ) -> Vectors:
     """(G + D) V, D = λ_m I per module (the factors' damping rule)."""
-    product = curvature_product(model, task, train, factors, vectors, progress)
+    product = curvature_product(model, task, train, factors, vectors, progress, curvature)
     return {n: product[n] + factors.damping(n, damping) * v for n, v in vectors.items()}
 
 
@@ -96,17 +162,23 @@ def conjugate_gradient(
     damping: Damping | float | None = None,
     iterations: int = 10,
     progress: bool | None = False,
+    preconditioned: bool = True,
+    curvature: str = "fisher",
 ) -> Solve:
     """Solve (G + D) x = b for each query's b (module → [n_q, out, in (+1)]); see the
-    module docstring. A query whose residual reaches exactly 0 stops moving."""
+    module docstring. ``preconditioned=False``: plain CG from x₀ = 0 on the same system
+    (D still the factors' damping), the control. A query whose residual reaches exactly 0
+    stops moving."""
 
     def precondition(vectors: Mapping[str, torch.Tensor]) -> Vectors:
+        if not preconditioned:
+            return dict(vectors)
         return {n: factors.inverse_product(n, v, damping) for n, v in vectors.items()}
 
     def apply(vectors: Mapping[str, torch.Tensor]) -> Vectors:
-        return damped_product(model, task, train, factors, vectors, damping, progress)
+        return damped_product(model, task, train, factors, vectors, damping, progress, curvature)
 
-    x = precondition(rhs)
+    x = precondition(rhs) if preconditioned else {n: torch.zeros_like(v) for n, v in rhs.items()}
     norm = inner(rhs, rhs).sqrt().clamp(min=torch.finfo(next(iter(rhs.values())).dtype).tiny)
     ax = apply(x)
     r = {n: rhs[n] - ax[n] for n in rhs}
@@ -116,8 +188,8 @@ def conjugate_gradient(
     solve = Solve(x, [inner(r, r).sqrt() / norm])
     for _ in range(iterations):
         ap = apply(p)
-        curvature = inner(p, ap)
-        alpha = torch.where(curvature > 0, rz / curvature.clamp(min=1e-300), 0.0)
+        along = inner(p, ap)  # pᵀ A p: the curvature along p
+        alpha = torch.where(along > 0, rz / along.clamp(min=1e-300), 0.0)
         x = {n: x[n] + _per_query(alpha, p[n]) for n in x}
         r = {n: r[n] - _per_query(alpha, ap[n]) for n in r}
         z = precondition(r)

@@ -9,6 +9,9 @@ when training on z lowers the query's loss, score(q, z) ≈ ∇ℓ(q)ᵀ (G + λ
   (the data's labels) and the default damping 0.1 × mean eigenvalue per module;
   ``excise-ekfac-true``: the same with the true Fisher (labels sampled from the model);
   ``excise-ekfac-ensemble``: the mean of ``excise-ekfac`` over every given model.
+- ``excise-ekfac-cg<k>``: EK-FAC scores refined by k iterations of EK-FAC-preconditioned
+  conjugate gradient on the exact damped empirical Fisher (same damping);
+  ``excise-cg20``: plain CG from zero on the same system, the control.
 - ``kronfluence-ekfac``: kronfluence 1.0.1's EK-FAC, empirical Fisher, the same damping
   (``damping_factor=None``), float32, on a copy of the model.
 - ``dattri-*``: dattri 0.3.0 with its defaults unless a default cannot run: TracIn on
@@ -49,8 +52,11 @@ Method = Callable[[Any, Sequence[nn.Module]], torch.Tensor]
 # --- excise ----------------------------------------------------------------------------
 
 
-def excise_scores(setting, model: nn.Module, strategy: str, fisher: str) -> torch.Tensor:
-    """excise's pairwise scores [n_query, n_train] on one model."""
+def excise_scores(
+    setting, model: nn.Module, strategy: str, fisher: str, cg: int = 0, preconditioned=True
+) -> torch.Tensor:
+    """excise's pairwise scores [n_query, n_train] on one model (``cg`` iterations of
+    conjugate gradient on the exact damped curvature; ``preconditioned`` by the factors)."""
     from attribution import FactorArguments, ScoreArguments, fit_factors, pairwise_scores
 
     arguments = FactorArguments(
@@ -63,14 +69,16 @@ def excise_scores(setting, model: nn.Module, strategy: str, fisher: str) -> torc
         setting.queries,
         setting.train,
         factors,
-        ScoreArguments(batch_size=BATCH_SIZE),
+        ScoreArguments(batch_size=BATCH_SIZE, cg_iterations=cg, cg_preconditioned=preconditioned),
         progress=False,
     )
     return scores.total.double()
 
 
-def _excise(strategy: str, fisher: str = "empirical") -> Method:
-    return lambda setting, models: excise_scores(setting, models[0], strategy, fisher)
+def _excise(strategy: str, fisher: str = "empirical", cg: int = 0, preconditioned=True) -> Method:
+    return lambda setting, models: excise_scores(
+        setting, models[0], strategy, fisher, cg, preconditioned
+    )
 
 
 def excise_ensemble(setting, models: Sequence[nn.Module]) -> torch.Tensor:
@@ -246,6 +254,9 @@ METHODS: dict[str, Method] = {
     "excise-ekfac": _excise("ekfac"),
     "excise-ekfac-true": _excise("ekfac", "true"),
     "excise-ekfac-ensemble": excise_ensemble,
+    "excise-ekfac-cg5": _excise("ekfac", cg=5),
+    "excise-ekfac-cg20": _excise("ekfac", cg=20),
+    "excise-cg20": _excise("ekfac", cg=20, preconditioned=False),  # plain CG, same system
     "kronfluence-ekfac": kronfluence_ekfac,
     "dattri-tracin": dattri_tracin,
     "dattri-datainf": dattri_datainf,

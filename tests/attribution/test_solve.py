@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.func import functional_call, hessian
 
 from attribution import Damping, FactorArguments, InputError, LanguageModelingTask, fit_factors
 from attribution.gradients import per_example_gradients_func
 from attribution.influence import ScoreArguments, pairwise_scores, self_scores
-from attribution.modules import select_modules
+from attribution.modules import select_modules, to_parameter_gradients
 from attribution.solve import conjugate_gradient, curvature_product
 
 from .models import random_examples, tiny_gpt2, tiny_llama, toy_lm
@@ -112,3 +113,53 @@ def test_pairwise_scores_with_cg_are_the_exact_damped_influence():
         ScoreArguments(cg_iterations=-1)
     with pytest.raises(InputError, match="self-influence"):
         self_scores(model, TASK, train[:3], factors, arguments)
+
+
+def test_the_hessian_product_is_the_dense_hessian_times_v():
+    """H of the mean training loss over the tracked weights and biases (torch.func)."""
+    model, train, factors, modules, _, gq = setting(toy_lm, n_train=40)
+    product = curvature_product(model, TASK, train, factors, gq, curvature="hessian")
+    names = [
+        f"{m}.{k}"
+        for m in modules
+        for k in ("weight", "bias")
+        if getattr(modules[m], k) is not None
+    ]
+    params = {n: p.detach() for n, p in model.named_parameters() if n in names}
+    batch = TASK.collate(train)
+
+    def mean_loss(tracked):
+        return TASK.loss(_Bound(model, tracked), batch).sum() / len(train)
+
+    blocks = hessian(mean_loss)(params)
+    matrix = torch.cat(
+        [
+            torch.cat(
+                [blocks[a][b].reshape(params[a].numel(), params[b].numel()) for b in names], 1
+            )
+            for a in names
+        ]
+    )
+    expected = in_parameter_layout(gq, modules) @ matrix  # H is symmetric
+    actual = in_parameter_layout(product, modules)
+    torch.testing.assert_close(actual, expected, rtol=1e-8, atol=1e-10)
+
+
+def in_parameter_layout(vectors, modules):
+    """[n_q, Σ params] in named_parameters order (weight then bias per module)."""
+    parts = []
+    for name in modules:
+        split = to_parameter_gradients(modules[name], vectors[name])
+        parts += [split[k].reshape(split[k].shape[0], -1) for k in ("weight", "bias") if k in split]
+    return torch.cat(parts, 1)
+
+
+class _Bound(torch.nn.Module):
+    """The model with its tracked parameters replaced (for torch.func.hessian)."""
+
+    def __init__(self, model, tracked):
+        super().__init__()
+        self.model, self.tracked = model, tracked
+
+    def forward(self, input_ids, attention_mask=None):
+        return functional_call(self.model, self.tracked, (input_ids,), strict=False)
