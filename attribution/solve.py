@@ -29,7 +29,8 @@ float64 solve on a tiny model).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,40 +98,48 @@ def hessian_product(
 ) -> Vectors:
     """H V, H = ∇²((1/N) Σ_z ℓ(z)) over the tracked modules' weights (and biases), every
     query's vector at once (``is_grads_batched``): one double-backward pass per batch."""
-    owners = [
-        (name, key)
-        for name in vectors
-        for key in to_parameter_gradients(modules[name], vectors[name])
-    ]
+    tangents = {name: to_parameter_gradients(modules[name], v) for name, v in vectors.items()}
+    owners = [(name, key) for name, split in tangents.items() for key in split]
     params = [getattr(modules[name], key) for name, key in owners]
-    tangents = {name: to_parameter_gradients(modules[name], vectors[name]) for name in vectors}
+    directions = [tangents[n][k].to(p.dtype) for (n, k), p in zip(owners, params, strict=True)]
     flags = [p.requires_grad for p in params]
     result = {name: torch.zeros_like(v) for name, v in vectors.items()}
     try:
         for p in params:
             p.requires_grad_(True)
-        for _, _, batch in batches(model, task, train, arguments.batch_size, "hessian", progress):
-            with torch.enable_grad():
-                loss = task.loss(model, batch).sum() / max(len(train), 1)
-                grads = torch.autograd.grad(loss, params, create_graph=True)
-                products = torch.autograd.grad(
-                    grads,
-                    params,
-                    grad_outputs=[
-                        tangents[n][k].to(p.dtype) for (n, k), p in zip(owners, params, strict=True)
-                    ],
-                    is_grads_batched=True,
-                )
-            found = dict(zip(owners, products, strict=True))
-            for name in vectors:
-                bias = found.get((name, "bias"))
-                result[name] += from_parameter_gradients(
-                    modules[name], found[(name, "weight")], bias
-                ).to(result[name].dtype)
+        with twice_differentiable(model):
+            for _, _, batch in batches(model, task, train, arguments.batch_size, "H v", progress):
+                with torch.enable_grad():
+                    loss = task.loss(model, batch).sum() / max(len(train), 1)
+                    grads = torch.autograd.grad(loss, params, create_graph=True)
+                    products = torch.autograd.grad(
+                        grads, params, grad_outputs=directions, is_grads_batched=True
+                    )
+                found = dict(zip(owners, products, strict=True))
+                for name in vectors:
+                    result[name] += from_parameter_gradients(
+                        modules[name], found[(name, "weight")], found.get((name, "bias"))
+                    ).to(result[name].dtype)
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
     return result
+
+
+@contextlib.contextmanager
+def twice_differentiable(model: nn.Module) -> Iterator[None]:
+    """A Hugging Face model's attention as plain operations (``eager``) inside the block:
+    fused attention kernels (SDPA on the CPU) have no second derivative."""
+    config = getattr(model, "config", None)
+    previous = getattr(config, "_attn_implementation", None)
+    if previous in (None, "eager"):
+        yield
+        return
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 def damped_product(

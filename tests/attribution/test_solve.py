@@ -163,3 +163,16 @@ class _Bound(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         return functional_call(self.model, self.tracked, (input_ids,), strict=False)
+
+
+def test_the_hessian_product_runs_through_fused_attention():
+    """SDPA has no second derivative on the CPU: the product switches to eager attention
+    for its passes (and back), and matches an eager model's."""
+    model, train, factors, modules, _, gq = setting(tiny_llama, n_train=6)
+    assert model.config._attn_implementation == "sdpa"
+    fused = curvature_product(model, TASK, train, factors, gq, curvature="hessian")
+    assert model.config._attn_implementation == "sdpa"
+    model.config._attn_implementation = "eager"
+    eager = curvature_product(model, TASK, train, factors, gq, curvature="hessian")
+    for name in fused:
+        torch.testing.assert_close(fused[name], eager[name])
