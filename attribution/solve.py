@@ -30,6 +30,7 @@ float64 solve on a tiny model).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,7 +108,9 @@ def hessian_product(
     try:
         for p in params:
             p.requires_grad_(True)
-        with twice_differentiable(model):
+        with twice_differentiable(model), warnings.catch_warnings():
+            # vmap over the double backward falls back to a loop for some ops: slower, exact
+            warnings.filterwarnings("ignore", message="There is a performance drop")
             for _, _, batch in batches(model, task, train, arguments.batch_size, "H v", progress):
                 with torch.enable_grad():
                     loss = task.loss(model, batch).sum() / max(len(train), 1)

@@ -216,6 +216,14 @@ def _add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
         "iteration (default 0: the factors' solution)",
     )
     parser.add_argument(
+        "--cg-curvature",
+        choices=("fisher", "hessian"),
+        default="fisher",
+        help="the exact matrix --cg-iterations solves with: fisher (the factors' own) or "
+        "hessian (of the mean training loss; may be indefinite: few iterations) "
+        "(default: fisher)",
+    )
+    parser.add_argument(
         "--batch-size", type=int, default=16, help="sequences per pass (default 16)"
     )
     parser.add_argument("--max-length", type=int, help="truncate sequences to this many tokens")

@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         per_token=args.per_token,
         query_rank=args.query_rank,
         cg_iterations=args.cg_iterations,
+        cg_curvature=args.cg_curvature,
     )
     if args.self_influence and score_arguments.cg_iterations:
         raise BadInputError("--self with --cg-iterations: self-influence uses the factors alone")

@@ -168,7 +168,7 @@ class _Bound(torch.nn.Module):
 def test_the_hessian_product_runs_through_fused_attention():
     """SDPA has no second derivative on the CPU: the product switches to eager attention
     for its passes (and back), and matches an eager model's."""
-    model, train, factors, modules, _, gq = setting(tiny_llama, n_train=6)
+    model, train, factors, _, _, gq = setting(tiny_llama, n_train=6)
     assert model.config._attn_implementation == "sdpa"
     fused = curvature_product(model, TASK, train, factors, gq, curvature="hessian")
     assert model.config._attn_implementation == "sdpa"

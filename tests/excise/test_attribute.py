@@ -130,6 +130,7 @@ def assert_one_line_message(stderr, message):
         (["--max-length", "-5"], "max_length must be an integer >= 1"),
         (["--query-rank", "0"], "query_rank must be >= 1"),
         (["--cg-iterations", "-1"], "cg_iterations must be an integer >= 0"),
+        (["--cg-curvature", "newton"], "invalid choice"),
         (["--cg-iterations", "2", "--self"], "--self with --cg-iterations"),
     ],
 )
@@ -234,3 +235,15 @@ def test_cg_iterations_solve_with_the_exact_curvature(files, tmp_path):
     assert before.shape == after.shape and not before.equal(after)
     agreement = torch.corrcoef(torch.stack([before.flatten(), after.flatten()]))[0, 1]
     assert agreement > 0.5  # the same influence, refined
+    hessian = tmp_path / "hessian"
+    extra = (
+        "--cg-iterations",
+        "2",
+        "--cg-curvature",
+        "hessian",
+        "--factors",
+        str(plain / "factors"),
+    )
+    assert attribute(files, hessian, *extra) == 0
+    with safe_open(hessian / "scores" / "pairwise.safetensors", "pt") as handle:
+        assert torch.isfinite(handle.get_tensor("scores")).all()
