@@ -57,15 +57,21 @@ def parse_configuration(text: str) -> dict[str, Any]:
     }
 
 
-def sweep(setting_name: str, configurations: list[str]) -> dict[str, Any]:
-    """LDS (mean ± s.e. over queries) and seconds of every configuration on one setting."""
+def sweep(
+    setting_name: str, configurations: list[str], modules: str | None = None
+) -> dict[str, Any]:
+    """LDS (mean ± s.e. over queries) and seconds of every configuration on one setting;
+    ``modules``: a regex of tracked modules instead of the setting's (excise's default)."""
     setting = make_setting(setting_name, argparse.Namespace(digits_data=None))
     folder = FIDELITY_CACHE / setting.key()
     model = cached_model(setting, folder, "full", range(len(setting.train)), 0, True)[1]
     masks = subset_masks(len(setting.train), FULL[setting_name]["subsets"])
     measured = ground_truth(setting, masks, FULL[setting_name]["seeds"], folder).mean(1)
     arguments = FactorArguments(
-        strategy="ekfac", fisher="empirical", modules=setting.modules, batch_size=BATCH_SIZE
+        strategy="ekfac",
+        fisher="empirical",
+        modules=modules or setting.modules,
+        batch_size=BATCH_SIZE,
     )
     factors = fit_factors(model, setting.task, setting.train, arguments, progress=False)
     rows = []
@@ -87,23 +93,35 @@ def sweep(setting_name: str, configurations: list[str]) -> dict[str, Any]:
             ),
             progress=False,
         ).total.double()
+        per_query = lds(scores, masks, measured)
         rows.append(
             {
                 "configuration": text,
-                "lds": summary(lds(scores, masks, measured)),
+                "lds": summary(per_query),
+                "per_query": per_query.tolist(),  # for paired comparisons across runs
                 "seconds": round(time.perf_counter() - started, 1),
             }
         )
-    return {"setting": setting_name, "describe": setting.describe(), "rows": rows}
+    tracked = sorted(factors.modules)
+    return {
+        "setting": setting_name,
+        "describe": setting.describe(),
+        "modules": modules,
+        "tracked": tracked,
+        "rows": rows,
+    }
 
 
 def markdown(results: list[dict[str, Any]], command: str) -> str:
-    lines = ["| setting | curvature:damping:iterations:start | LDS | s |", "|---|---|---:|---:|"]
+    lines = [
+        "| setting | tracked modules | curvature:damping:iterations:start | LDS | s |",
+        "|---|---:|---|---:|---:|",
+    ]
     for result in results:
         for row in result["rows"]:
             lds_ = row["lds"]
             lines.append(
-                f"| {result['setting']} | `{row['configuration']}` | "
+                f"| {result['setting']} | {len(result['tracked'])} | `{row['configuration']}` | "
                 f"{lds_['mean']:.3f} ± {lds_['stderr']:.3f} | {row['seconds']} |"
             )
     return "\n".join(lines) + f"\n\n{utc_timestamp()}. Command: `{command}`\n"
@@ -113,12 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", action="append", choices=("digits", "world"), required=True)
     parser.add_argument("--name", default="fidelity_sweep", help="results file name")
+    parser.add_argument("--modules", help="regex of tracked modules (default: the setting's)")
     parser.add_argument("configurations", nargs="+")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    results = [sweep(name, args.configurations) for name in args.setting]
+    results = [sweep(name, args.configurations, args.modules) for name in args.setting]
+    modules = [f"--modules '{args.modules}'"] if args.modules else []
     command = "python -m benchmarks.fidelity_sweep " + " ".join(
-        [f"--setting {s}" for s in args.setting] + [f"--name {args.name}", *args.configurations]
+        [f"--setting {s}" for s in args.setting]
+        + [f"--name {args.name}", *modules, *args.configurations]
     )
     title = "Attribution fidelity: EK-FAC and conjugate-gradient solves across damping"
     write_report(
