@@ -55,7 +55,7 @@ class SplitScores:
         """Teacher-forced token statistics of the answers (the one forward pass)."""
         if self.given_stats is not None:
             return self.given_stats
-        return token_statistics(self.model, self.task, self.records, **self._options)
+        return token_statistics(self.model, self.task, self.records, **self.options)
 
     @cached_property
     def answers(self) -> tuple[np.ndarray, list[np.ndarray]] | str:
@@ -64,11 +64,12 @@ class SplitScores:
         if reason is not None:
             return reason
         return answer_log_probs(
-            self.model, self.task, self.records, question=self.question, **self._options
+            self.model, self.task, self.records, question=self.question, **self.options
         )
 
     @property
-    def _options(self) -> dict[str, Any]:
+    def options(self) -> dict[str, Any]:
+        """The batching options every pass over the split uses."""
         return {"batch_size": self.batch_size, "progress": self.progress}
 
 
@@ -88,7 +89,7 @@ def truth_ratio(scores: SplitScores) -> dict[str, Any]:
 
 def rouge(scores: SplitScores) -> dict[str, Any]:
     """ROUGE-L recall of greedy generations (:mod:`analysis.rouge`)."""
-    return rouge_l_recall(scores.model, scores.task, scores.records, **scores._options)
+    return rouge_l_recall(scores.model, scores.task, scores.records, **scores.options)
 
 
 def _memorization(name: str) -> Callable[[SplitScores], dict[str, Any]]:

@@ -57,20 +57,35 @@ def excise_scores(
 ) -> torch.Tensor:
     """excise's pairwise scores [n_query, n_train] on one model (``cg`` iterations of
     conjugate gradient on the exact damped curvature; ``preconditioned`` by the factors)."""
-    from attribution import FactorArguments, ScoreArguments, fit_factors, pairwise_scores
+    from attribution import ScoreArguments
+
+    factors = excise_factors(setting, model, strategy, fisher)
+    arguments = ScoreArguments(
+        batch_size=BATCH_SIZE, cg_iterations=cg, cg_preconditioned=preconditioned
+    )
+    return excise_pairwise(setting, model, factors, arguments)
+
+
+def excise_factors(setting, model: nn.Module, strategy: str, fisher: str, modules=None):
+    """excise's factors of ``model`` on the setting's training set (``modules``: instead of
+    the setting's)."""
+    from attribution import FactorArguments, fit_factors
 
     arguments = FactorArguments(
-        strategy=strategy, fisher=fisher, modules=setting.modules, batch_size=BATCH_SIZE
+        strategy=strategy,
+        fisher=fisher,
+        modules=modules or setting.modules,
+        batch_size=BATCH_SIZE,
     )
-    factors = fit_factors(model, setting.task, setting.train, arguments, progress=False)
+    return fit_factors(model, setting.task, setting.train, arguments, progress=False)
+
+
+def excise_pairwise(setting, model: nn.Module, factors, arguments) -> torch.Tensor:
+    """Pairwise scores [n_query, n_train] of the setting's queries and training set."""
+    from attribution import pairwise_scores
+
     scores = pairwise_scores(
-        model,
-        setting.task,
-        setting.queries,
-        setting.train,
-        factors,
-        ScoreArguments(batch_size=BATCH_SIZE, cg_iterations=cg, cg_preconditioned=preconditioned),
-        progress=False,
+        model, setting.task, setting.queries, setting.train, factors, arguments, progress=False
     )
     return scores.total.double()
 

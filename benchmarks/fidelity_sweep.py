@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from attribution import Damping, FactorArguments, ScoreArguments, fit_factors, pairwise_scores
+from attribution import Damping, ScoreArguments
 from attribution.artifacts import utc_timestamp
 from benchmarks.common import RESULTS, write_report
 from benchmarks.fidelity import (
@@ -32,8 +32,7 @@ from benchmarks.fidelity import (
     subset_masks,
     summary,
 )
-
-BATCH_SIZE = 32
+from benchmarks.fidelity_methods import BATCH_SIZE, excise_factors, excise_pairwise
 
 
 def parse_configuration(text: str) -> dict[str, Any]:
@@ -67,32 +66,19 @@ def sweep(
     model = cached_model(setting, folder, "full", range(len(setting.train)), 0, True)[1]
     masks = subset_masks(len(setting.train), FULL[setting_name]["subsets"])
     measured = ground_truth(setting, masks, FULL[setting_name]["seeds"], folder).mean(1)
-    arguments = FactorArguments(
-        strategy="ekfac",
-        fisher="empirical",
-        modules=modules or setting.modules,
-        batch_size=BATCH_SIZE,
-    )
-    factors = fit_factors(model, setting.task, setting.train, arguments, progress=False)
+    factors = excise_factors(setting, model, "ekfac", "empirical", modules)
     rows = []
     for text in configurations:
         config = parse_configuration(text)
         started = time.perf_counter()
-        scores = pairwise_scores(
-            model,
-            setting.task,
-            setting.queries,
-            setting.train,
-            factors,
-            ScoreArguments(
-                batch_size=BATCH_SIZE,
-                damping=config["damping"],
-                cg_iterations=config["iterations"],
-                cg_curvature=config["curvature"],
-                cg_preconditioned=config["preconditioned"],
-            ),
-            progress=False,
-        ).total.double()
+        arguments = ScoreArguments(
+            batch_size=BATCH_SIZE,
+            damping=config["damping"],
+            cg_iterations=config["iterations"],
+            cg_curvature=config["curvature"],
+            cg_preconditioned=config["preconditioned"],
+        )
+        scores = excise_pairwise(setting, model, factors, arguments)
         per_query = lds(scores, masks, measured)
         rows.append(
             {
