@@ -190,10 +190,14 @@ def conjugate_gradient(
     def apply(vectors: Mapping[str, torch.Tensor]) -> Vectors:
         return damped_product(model, task, train, factors, vectors, damping, progress, curvature)
 
-    x = precondition(rhs) if preconditioned else {n: torch.zeros_like(v) for n, v in rhs.items()}
     norm = inner(rhs, rhs).sqrt().clamp(min=torch.finfo(next(iter(rhs.values())).dtype).tiny)
-    ax = apply(x)
-    r = {n: rhs[n] - ax[n] for n in rhs}
+    if preconditioned:  # warm start: r₀ = b − A x₀ costs one training pass
+        x = precondition(rhs)
+        ax = apply(x)
+        r = {n: rhs[n] - ax[n] for n in rhs}
+    else:  # x₀ = 0: r₀ = b, no pass needed
+        x = {n: torch.zeros_like(v) for n, v in rhs.items()}
+        r = dict(rhs)
     z = precondition(r)
     p = dict(z)
     rz = inner(r, z)
