@@ -155,30 +155,22 @@ def precondition_queries(
     arguments = arguments or ScoreArguments()
     if arguments.cg_iterations and train is None:
         raise InputError("cg_iterations needs the training examples (the exact curvature)")
-    modules = _factor_modules(model, factors)
-    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
-    for _, _, batch in batches(model, task, queries, arguments.batch_size, "queries", progress):
-        grads = _gradients(model, task, batch, modules, arguments, measurement=True)
-        for name, grad in grads.items():
-            chunks[name].append(
-                grad
-                if arguments.cg_iterations
-                else factors.inverse_product(name, grad, arguments.damping)
-            )
-    solved = {name: torch.cat(parts) for name, parts in chunks.items()}
+    raw = query_gradients(model, task, queries, factors, arguments, progress)
     if arguments.cg_iterations:
         solved = conjugate_gradient(
             model,
             task,
             train,
             factors,
-            solved,
+            raw,
             arguments.damping,
             arguments.cg_iterations,
             progress=progress,
             preconditioned=arguments.cg_preconditioned,
             curvature=arguments.cg_curvature,
         ).solution
+    else:
+        solved = {n: factors.inverse_product(n, g, arguments.damping) for n, g in raw.items()}
     result = QueryGradients()
     for name, dense in solved.items():
         if arguments.query_rank is None:
@@ -186,6 +178,25 @@ def precondition_queries(
         else:
             result.left[name], result.right[name] = _low_rank(dense, arguments.query_rank)
     return result
+
+
+def query_gradients(
+    model: nn.Module,
+    task: Task,
+    queries: Sequence[Any],
+    factors: Factors,
+    arguments: ScoreArguments | None = None,
+    progress: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """∇ℓ(q) of every query (the task's measurement) per tracked module, [n_q, out, in]."""
+    arguments = arguments or ScoreArguments()
+    modules = _factor_modules(model, factors)
+    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    for _, _, batch in batches(model, task, queries, arguments.batch_size, "queries", progress):
+        grads = _gradients(model, task, batch, modules, arguments, measurement=True)
+        for name, grad in grads.items():
+            chunks[name].append(grad)
+    return {name: torch.cat(parts) for name, parts in chunks.items()}
 
 
 def pairwise_scores(
