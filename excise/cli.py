@@ -224,6 +224,17 @@ def _add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: fisher)",
     )
     parser.add_argument(
+        "--choose-damping",
+        action="store_true",
+        help="choose λ on data among multiples of each module's mean eigenvalue: the one whose "
+        "scores best predict the queries' loss change when the model is fine-tuned on random "
+        "halves of the training set (no retraining; costs perturbations × steps optimizer "
+        "steps; written to OUT/damping.json)",
+    )
+    from excise.commands.attribute import add_search_options
+
+    add_search_options(parser)
+    parser.add_argument(
         "--batch-size", type=int, default=16, help="sequences per pass (default 16)"
     )
     parser.add_argument("--max-length", type=int, help="truncate sequences to this many tokens")
@@ -245,6 +256,8 @@ def _run_attribute(args: argparse.Namespace) -> int:
         for row in result["rows"][:10]:
             best = row["proponents"][0]
             print(f"  {row['query_id']}: {best['id']} ({best['score']:.4g})", file=sys.stderr)
+        if result.get("damping_choice"):
+            print(f"  damping chosen on data: {result['damping_choice']}", file=sys.stderr)
     print(result["out"])
     return EXIT_OK
 

@@ -7,6 +7,7 @@ every query and writes::
     OUT/scores/pairwise.safetensors   "scores" [n_query, n_train] (+ per module/token),
                                       ids in its metadata
     OUT/scores/self.safetensors       with --self: "scores" [n_train]
+    OUT/damping.json                  with --choose-damping: every candidate's agreement
     OUT/topk.jsonl                    per query: its strongest proponents and opponents
     OUT/summary.md                    the same, for people
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ import torch
 
 from attribution import FactorArguments, LanguageModelingTask, fit_factors, select_modules
 from attribution.artifacts import atomic_directory, check_output_folder, write_bytes
-from attribution.curvature import Damping, Factors
+from attribution.curvature import DAMPING_FACTOR, Damping, Factors
+from attribution.damping_search import SearchArguments, choose_damping
 from attribution.influence import (
     ScoreArguments,
     check_queries_have_targets,
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.self_influence and score_arguments.cg_iterations:
         raise BadInputError("--self with --cg-iterations: self-influence uses the factors alone")
+    search = _search_arguments(args, score_arguments)
     train, queries = read_records(args.train), read_records(args.query)
     check_apart(args.out, [args.model, args.train, args.query])  # one rule for every command
     model, tokenizer = load_model(args.model)
@@ -73,6 +76,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pass
     if factors is None:
         factors = fit_factors(model, task, train, factor_arguments, out / "factors", progress)
+    choice = None
+    if search is not None:
+        choice = choose_damping(
+            model, task, train, queries, factors, search, score_arguments, progress
+        )
+        score_arguments = replace(score_arguments, damping=choice.damping)
+        write_bytes(out / "damping.json", (json.dumps(choice.to_dict(), indent=2) + "\n").encode())
     ids = {"query_ids": [q["id"] for q in queries], "train_ids": [z["id"] for z in train]}
     scores = stored_pairwise_scores(
         model,
@@ -91,8 +101,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "self", {"scores": values}, {"train_ids": json.dumps(ids["train_ids"])}
         )
     rows = topk_rows(scores.total, queries, train, k)
-    write_topk(out, rows, RunDescription(args.model, args.train, score_arguments.damping), factors)
-    return {"out": str(out), "queries": len(queries), "train": len(train), "rows": rows}
+    described = RunDescription(args.model, args.train, score_arguments.damping, choice is not None)
+    write_topk(out, rows, described, factors)
+    chosen = choice.damping.describe() if choice else None
+    return {
+        "out": str(out),
+        "queries": len(queries),
+        "train": len(train),
+        "rows": rows,
+        "damping_choice": chosen,
+    }
+
+
+def _search_arguments(args, score_arguments: ScoreArguments) -> SearchArguments | None:
+    """The damping search's arguments with --choose-damping (checked before any work)."""
+    if not args.choose_damping:
+        return None
+    explicit = getattr(args, "damping.value") is not None
+    if explicit or getattr(args, "damping.factor") != DAMPING_FACTOR:
+        raise BadInputError("--choose-damping with --damping/--damping-factor: give one of them")
+    if score_arguments.cg_iterations:
+        raise BadInputError(
+            "--choose-damping with --cg-iterations: the search measures the factors' damping"
+        )
+    return from_options(SearchArguments, args, "search", seed=args.seed, batch_size=args.batch_size)
+
+
+def add_search_options(parser: argparse.ArgumentParser) -> None:
+    """--search-perturbations, --search-steps, --search-learning-rate, --search-optimizer."""
+    names = {f: "--search-" + f.replace("_", "-") for f in ("perturbations", "steps", "optimizer")}
+    names["learning_rate"] = "--search-learning-rate"
+    add_options(parser, SearchArguments, "search", names=names, skip=("seed", "batch_size"))
 
 
 def check_length(max_length: int | None, splits, tokenizer, model) -> None:
@@ -137,6 +176,7 @@ class RunDescription:
     model: str
     train: str
     damping: Damping
+    damping_chosen: bool = False
 
 
 def write_topk(out: Path, rows: list[dict], described: RunDescription, factors) -> None:
@@ -157,7 +197,8 @@ def summary_markdown(rows: list[dict], described: RunDescription, factors) -> st
         "",
         f"Model `{described.model}`; {len(rows)} queries against `{described.train}`; "
         f"strategy {fa.strategy}, {fa.fisher} Fisher, {len(factors.modules)} tracked modules, "
-        f"damping {described.damping.describe()}.",
+        f"damping {described.damping.describe()}"
+        + (" (chosen on data: OUT/damping.json)." if described.damping_chosen else "."),
         "Positive: training on the example raises the probability of the query's completion.",
     ]
     for row in rows:

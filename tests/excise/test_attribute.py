@@ -132,6 +132,13 @@ def assert_one_line_message(stderr, message):
         (["--cg-iterations", "-1"], "cg_iterations must be an integer >= 0"),
         (["--cg-curvature", "newton"], "invalid choice"),
         (["--cg-iterations", "2", "--self"], "--self with --cg-iterations"),
+        (["--choose-damping", "--damping", "0.1"], "--choose-damping with --damping"),
+        (["--choose-damping", "--damping-factor", "1"], "--choose-damping with --damping"),
+        (["--choose-damping", "--cg-iterations", "1"], "--choose-damping with --cg-iterations"),
+        (["--choose-damping", "--search-steps", "0"], "steps must be an integer >= 1"),
+        (["--choose-damping", "--search-perturbations", "2"], "perturbations must be >= 3"),
+        (["--choose-damping", "--search-learning-rate", "nan"], "learning_rate must be > 0"),
+        (["--choose-damping", "--search-optimizer", "lbfgs"], "invalid choice"),
     ],
 )
 def test_bad_arguments_exit_2_and_write_nothing(files, tmp_path, extra, message):
@@ -247,3 +254,25 @@ def test_cg_iterations_solve_with_the_exact_curvature(files, tmp_path):
     assert attribute(files, hessian, *extra) == 0
     with safe_open(hessian / "scores" / "pairwise.safetensors", "pt") as handle:
         assert torch.isfinite(handle.get_tensor("scores")).all()
+
+
+def test_choose_damping_writes_its_choice_and_scores_with_it(files, tmp_path):
+    """--choose-damping: OUT/damping.json holds every candidate's agreement; the scores are
+    those of a run given the chosen factor by hand (the search leaves the model as it was)."""
+    chosen, manual = tmp_path / "chosen", tmp_path / "manual"
+    search = ("--search-perturbations", "4", "--search-steps", "3")
+    assert attribute(files, chosen, "--choose-damping", *search) == 0
+    record = json.loads((chosen / "damping.json").read_text())
+    assert len(record["candidates"]) == len(record["arguments"]["factors"]) == 8
+    assert record["chosen"] in [row["damping"] for row in record["candidates"]]
+    assert "(chosen on data" in (chosen / "summary.md").read_text()
+    factor = record["chosen"].split(" ")[0]
+    assert (
+        attribute(files, manual, "--damping-factor", factor, "--factors", str(chosen / "factors"))
+        == 0
+    )
+    with safe_open(chosen / "scores" / "pairwise.safetensors", "pt") as handle:
+        found = handle.get_tensor("scores")
+    with safe_open(manual / "scores" / "pairwise.safetensors", "pt") as handle:
+        expected = handle.get_tensor("scores")
+    torch.testing.assert_close(found, expected)
