@@ -196,6 +196,14 @@ def _add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
         help="module names, or one regex (default: every Linear/Conv1D in the blocks)",
     )
     parser.add_argument("--factors", help="reuse factors fitted before (a factors folder)")
+    parser.add_argument(
+        "--ensemble",
+        nargs="+",
+        metavar="MODEL",
+        help="more models of the same architecture (other seeds or checkpoints): top-k from the "
+        "mean of every model's scores (OUT/scores/ensemble.safetensors); each costs a factor "
+        "fit and a scoring pass",
+    )
     parser.add_argument("--per-token", action="store_true", help="also save per-token scores")
     parser.add_argument("--per-module", action="store_true", help="also save per-module scores")
     parser.add_argument(

@@ -7,6 +7,8 @@ every query and writes::
     OUT/scores/pairwise.safetensors   "scores" [n_query, n_train] (+ per module/token),
                                       ids in its metadata
     OUT/scores/self.safetensors       with --self: "scores" [n_train]
+    OUT/scores/ensemble.safetensors   with --ensemble: the mean over the models
+    OUT/ensemble/<k>/                 with --ensemble: each member's factors and scores
     OUT/damping.json                  with --choose-damping: every candidate's agreement
     OUT/topk.jsonl                    per query: its strongest proponents and opponents
     OUT/summary.md                    the same, for people
@@ -34,6 +36,7 @@ from attribution.influence import (
     top_k,
 )
 from attribution.store import ScoreStore
+from excise.commands.ensemble import check_members, ensemble_scores
 from excise.context import check_fits_context, model_context
 from excise.errors import BadInputError
 from excise.models import choose_device, load_model
@@ -60,7 +63,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise BadInputError("--self with --cg-iterations: self-influence uses the factors alone")
     search = _search_arguments(args, score_arguments)
     train, queries = read_records(args.train), read_records(args.query)
-    check_apart(args.out, [args.model, args.train, args.query])  # one rule for every command
+    members = args.ensemble or []
+    check_apart(args.out, [args.model, args.train, args.query, *members])  # as every command
+    members = check_members(args.model, members)
     model, tokenizer = load_model(args.model)
     out = check_output_folder(args.out, KIND)
     check_length(args.max_length, {"train": train, "query": queries}, tokenizer, model)
@@ -95,13 +100,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ids=ids,
         progress=progress,
     )
+    total = scores.total
+    if members:
+        device = next(model.parameters()).device
+        total = ensemble_scores(
+            total,
+            members,
+            task,
+            queries,
+            train,
+            factor_arguments,
+            score_arguments,
+            out,
+            device,
+            ids,
+            progress,
+        )
     if args.self_influence:
         values = self_scores(model, task, train, factors, score_arguments, progress)
         ScoreStore(out / "scores").save(
             "self", {"scores": values}, {"train_ids": json.dumps(ids["train_ids"])}
         )
-    rows = topk_rows(scores.total, queries, train, k)
-    described = RunDescription(args.model, args.train, score_arguments.damping, choice is not None)
+    rows = topk_rows(total, queries, train, k)
+    described = RunDescription(
+        args.model, args.train, score_arguments.damping, choice is not None, 1 + len(members)
+    )
     write_topk(out, rows, described, factors)
     chosen = choice.damping.describe() if choice else None
     return {
@@ -177,6 +200,7 @@ class RunDescription:
     train: str
     damping: Damping
     damping_chosen: bool = False
+    models: int = 1
 
 
 def write_topk(out: Path, rows: list[dict], described: RunDescription, factors) -> None:
@@ -201,6 +225,12 @@ def summary_markdown(rows: list[dict], described: RunDescription, factors) -> st
         + (" (chosen on data: OUT/damping.json)." if described.damping_chosen else "."),
         "Positive: training on the example raises the probability of the query's completion.",
     ]
+    if described.models > 1:
+        lines.append(
+            f"Scores: the mean over {described.models} models (--model and --ensemble; "
+            "OUT/scores/ensemble.safetensors)."
+        )
+    lines += []
     for row in rows:
         lines += ["", f"## Query `{row['query_id']}`", "", f"> {_cell(row['query'])}", ""]
         for title, key in (("Proponents", "proponents"), ("Opponents", "opponents")):

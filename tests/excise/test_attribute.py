@@ -276,3 +276,79 @@ def test_choose_damping_writes_its_choice_and_scores_with_it(files, tmp_path):
     with safe_open(manual / "scores" / "pairwise.safetensors", "pt") as handle:
         expected = handle.get_tensor("scores")
     torch.testing.assert_close(found, expected)
+
+
+def perturbed_copy(source, folder, seed=1, scale=0.02):
+    """Another 'seed' of the model: a copy with every weight jittered, saved the same way."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * p.std() * torch.randn(p.shape, generator=generator))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source, local_files_only=True).save_pretrained(folder)
+    return folder
+
+
+def test_ensemble_scores_are_the_mean_over_the_models(files, tmp_path):
+    member = perturbed_copy(files["model"], tmp_path / "member")
+    out = tmp_path / "ens"
+    assert attribute(files, out, "--ensemble", str(member)) == 0
+    with safe_open(out / "scores" / "pairwise.safetensors", "pt") as handle:
+        main_scores = handle.get_tensor("scores")
+    with safe_open(out / "ensemble" / "1" / "scores" / "pairwise.safetensors", "pt") as handle:
+        member_scores = handle.get_tensor("scores")
+    with safe_open(out / "scores" / "ensemble.safetensors", "pt") as handle:
+        mean = handle.get_tensor("scores")
+        assert json.loads(handle.metadata()["members"]) == ["--model", str(member)]
+    assert not main_scores.equal(member_scores)  # two models, two sets of scores
+    torch.testing.assert_close(mean, (main_scores + member_scores) / 2)
+    best = torch.argmax(mean, dim=1)
+    rows = [json.loads(line) for line in (out / "topk.jsonl").read_text().splitlines()]
+    train_ids = [json.loads(line)["id"] for line in files["train"].read_text().splitlines()]
+    assert [row["proponents"][0]["id"] for row in rows] == [train_ids[i] for i in best]
+    assert "the mean over 2 models" in (out / "summary.md").read_text()
+    assert attribute(files, out, "--ensemble", str(member)) == 0  # a rerun reuses every store
+
+
+@pytest.mark.parametrize("kind", ["itself", "architecture", "tokenizer", "missing"])
+def test_a_mismatched_ensemble_member_is_refused_before_any_work(files, tmp_path, kind):
+    from transformers import AutoTokenizer
+
+    member = tmp_path / "member"
+    if kind == "itself":
+        member = files["model"]
+    elif kind != "missing":
+        shutil.copytree(files["model"], member)
+    if kind == "architecture":
+        config = json.loads((member / "config.json").read_text())
+        config["num_hidden_layers"] += 1
+        (member / "config.json").write_text(json.dumps(config))
+    if kind == "tokenizer":
+        tokenizer = AutoTokenizer.from_pretrained(member)
+        tokenizer.add_tokens(["zzz-extra"])
+        tokenizer.save_pretrained(member)
+    messages = {
+        "itself": "the same model twice",
+        "architecture": "another architecture than --model (num_hidden_layers differ)",
+        "tokenizer": "its tokenizer does not match --model's",
+        "missing": "no such model folder",
+    }
+    out = tmp_path / "o"
+    result = run_cli(
+        "attribute",
+        "--model",
+        str(files["model"]),
+        "--train",
+        str(files["train"]),
+        "--query",
+        str(files["query"]),
+        "--out",
+        str(out),
+        "--ensemble",
+        str(member),
+    )
+    assert_one_line_error(result, messages[kind])
+    assert not out.exists()
