@@ -193,7 +193,8 @@ def _add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--modules",
         nargs="+",
-        help="module names, or one regex (default: every Linear/Conv1D in the blocks)",
+        help="module names, or one regex (default: every Linear/Conv1D in the blocks, and the "
+        "output head when it has at most 8192 outputs)",
     )
     parser.add_argument("--factors", help="reuse factors fitted before (a factors folder)")
     parser.add_argument(

@@ -35,6 +35,7 @@ from attribution.influence import (
     stored_pairwise_scores,
     top_k,
 )
+from attribution.modules import default_attribution_modules
 from attribution.store import ScoreStore
 from excise.commands.ensemble import check_members, ensemble_scores
 from excise.context import check_fits_context, model_context
@@ -271,10 +272,11 @@ def add_curvature_options(parser: argparse.ArgumentParser) -> None:
     add_options(parser, Damping, "damping", names=DAMPING_OPTIONS)
 
 
-def _module_spec(values: list[str] | None, model) -> str | tuple[str, ...] | None:
-    """Several values are module names; one value is a name if the model has it, else a regex."""
+def _module_spec(values: list[str] | None, model) -> str | tuple[str, ...]:
+    """Several values are module names; one value is a name if the model has it, else a regex;
+    none: the blocks and a small output head (:func:`default_attribution_modules`)."""
     if not values:
-        return None
+        return default_attribution_modules(model)
     if len(values) == 1 and values[0] not in dict(model.named_modules()):
         return values[0]
     return tuple(values)

@@ -56,3 +56,25 @@ def test_nothing_matches():
 def test_bad_regex():
     with pytest.raises(ModuleSelectionError, match="not a valid regex"):
         select_modules(tiny_llama(), "layers[")
+
+
+def test_the_attribution_default_adds_a_small_output_head_only():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from attribution.modules import HEAD_LIMIT, default_attribution_modules
+
+    from .models import tiny_gpt2, tiny_llama
+
+    small = default_attribution_modules(tiny_llama())
+    assert small[-1] == "lm_head" and set(small[:-1]) == set(select_modules(tiny_llama()))
+    assert default_attribution_modules(tiny_gpt2())[-1] == "lm_head"
+    config = LlamaConfig(
+        vocab_size=HEAD_LIMIT + 1,
+        hidden_size=8,
+        intermediate_size=12,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    large = default_attribution_modules(LlamaForCausalLM(config))
+    assert "lm_head" not in large and len(large) == 7  # q, k, v, o, gate, up, down

@@ -352,3 +352,15 @@ def test_a_mismatched_ensemble_member_is_refused_before_any_work(files, tmp_path
     )
     assert_one_line_error(result, messages[kind])
     assert not out.exists()
+
+
+def test_the_default_tracks_the_blocks_and_the_small_output_head(files, tmp_path):
+    from attribution import Factors
+    from excise.models import load_model
+
+    out = tmp_path / "default"
+    assert attribute(files, out) == 0
+    model, _ = load_model(files["model"])
+    modules = Factors.load(out / "factors", model).modules
+    assert "lm_head" in modules and all(".layers." in m for m in modules if m != "lm_head")
+    assert "15 tracked modules" in (out / "summary.md").read_text()
