@@ -226,7 +226,7 @@ class WorldSetting:
     """The tiny embedded world's Llama (see the module docstring)."""
 
     name = "world"
-    modules = None  # excise's default: every Linear inside the transformer blocks
+    modules: tuple[str, ...] = ()  # set in __init__: what `excise attribute` tracks by default
 
     def __init__(self, epochs: int | None = None, max_queries: int | None = None):
         from excise.world.build import build_world, paraphrased, read_split
@@ -254,6 +254,10 @@ class WorldSetting:
         self.train = [encode_record(self.tokenizer, r) for r in self.records]
         self.queries = [encode_record(self.tokenizer, r) for r in self.query_records]
         self.longest = max(len(e["input_ids"]) for e in self.train)
+        from attribution.modules import default_attribution_modules
+
+        # the blocks' Linear layers and the (tied) unembedding lm_head, for every method
+        self.modules = default_attribution_modules(self.new_model(0))
 
     def key(self) -> str:
         ids = [r["id"] for r in self.records] + [r["id"] for r in self.query_records]
@@ -323,9 +327,13 @@ class WorldSetting:
         return loss
 
     def dattri_layers(self, model: nn.Module) -> list[str]:
+        """The tracked modules' weights by the names dattri reads them under; a tied head's
+        weight is the embedding's parameter (dattri differentiates the shared matrix)."""
         from attribution import select_modules
 
-        return [f"{name}.weight" for name in select_modules(model, self.modules)]
+        names = {id(p): name for name, p in model.named_parameters()}
+        found = [names[id(m.weight)] for m in select_modules(model, self.modules).values()]
+        return list(dict.fromkeys(found))
 
 
 class RowDataset(Dataset):

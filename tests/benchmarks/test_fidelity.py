@@ -103,7 +103,8 @@ def test_quick_pipeline_smoke(tmp_path):
     data = tmp_path / "data.pt"
     torch.save((x, y, config), data)
     argv = [
-        "--quick", "--settings", "digits", "--methods", "excise-identity,excise-ekfac",
+        "--quick", "--settings", "digits", "--methods",
+        "excise-identity,excise-ekfac,excise-ekfac-chosen",
         "--subsets", "4", "--digits-data", str(data), "--results", str(tmp_path / "out"),
         "--cache", str(tmp_path / "cache"),
     ]  # fmt: skip
@@ -111,7 +112,7 @@ def test_quick_pipeline_smoke(tmp_path):
     report = json.loads((tmp_path / "out" / "fidelity.json").read_text())
     (digits,) = report["results"]
     assert digits["subsets"] == 4 and digits["seeds"] == 1
-    for name in ("excise-identity", "excise-ekfac"):
+    for name in ("excise-identity", "excise-ekfac", "excise-ekfac-chosen"):
         entry = digits["methods"][name]
         assert -1 <= entry["lds"]["mean"] <= 1 and len(entry["per_query"]) == 6
     assert "excise-ekfac" in (tmp_path / "out" / "fidelity.md").read_text()
@@ -119,3 +120,23 @@ def test_quick_pipeline_smoke(tmp_path):
     assert len(cached) == 4 + 1  # four subsets × one seed, one full-data model
     assert main(argv) == 0  # a rerun reads every model from the cache
     assert sorted(p.name for p in (tmp_path / "cache").rglob("*.pt")) == cached
+
+
+def test_a_pair_left_out_of_full_runs_is_reported_as_not_run(tmp_path, monkeypatch):
+    from benchmarks import fidelity
+
+    monkeypatch.setitem(fidelity.NOT_RUN, ("digits", "excise-identity"), "not run: too slow")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=generator)
+    y = (x[:, 0] > 0).long()
+    config = {"n_train": 30, "n_queries": 4, "hidden": 4, "epochs": 2, "batch_size": 16}
+    torch.save((x, y, config), tmp_path / "data.pt")
+    argv = [
+        "--quick", "--settings", "digits", "--methods", "excise-identity,excise-ekfac",
+        "--subsets", "3", "--digits-data", str(tmp_path / "data.pt"),
+        "--results", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    (digits,) = json.loads((tmp_path / "out" / "fidelity.json").read_text())["results"]
+    assert digits["methods"]["excise-identity"] == {"not_run": "not run: too slow"}
+    assert "| excise-identity | not run |" in (tmp_path / "out" / "fidelity.md").read_text()
