@@ -14,7 +14,10 @@ cheap, real perturbations of the model:
 - each candidate λ predicts, up to a constant per probe, Δ_k(q) ≈ −Σ_{z∈S_k} s_λ(q, z),
   s_λ the influence score (positive: z lowers q's loss);
 - agreement(λ) = mean over probes of Spearman(−Σ_{z∈S_k} s_λ(q, z), Δ_k(q)) over k;
-  the candidate with the highest agreement is chosen.
+  the candidate with the highest agreement replaces the default rule (0.1 × the mean
+  eigenvalue, always among the candidates) only if it beats it by more than ``margin``
+  (2) standard errors of the per-probe paired difference: on a few probes every
+  candidate's agreement is noise, and then the default is kept and the report says so.
 
 This is the LDS with "retrain on the half from scratch" replaced by "fine-tune on the
 half from θ" (K · T optimizer steps on the tracked modules, no retraining). The fine-tune
@@ -39,7 +42,7 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
-from attribution.curvature import Damping, Factors
+from attribution.curvature import DAMPING_FACTOR, Damping, Factors
 from attribution.errors import InputError, NonFiniteError
 from attribution.influence import QueryGradients, ScoreArguments, pairwise_scores, query_gradients
 from attribution.modules import select_modules
@@ -63,6 +66,13 @@ class SearchArguments:
     optimizer: str = field(default="adam", metadata={"help": "adam or sgd", "choices": OPTIMIZERS})
     batch_size: int = field(default=16, metadata={"help": "examples per fine-tuning step"})
     seed: int = field(default=0, metadata={"help": "seeds the halves and the mini-batches"})
+    margin: float = field(
+        default=2.0,
+        metadata={
+            "help": "standard errors (paired over probes) by which the best candidate must beat "
+            "the default 0.1 × mean eigenvalue to replace it"
+        },
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "factors", tuple(float(f) for f in self.factors))
@@ -76,11 +86,15 @@ class SearchArguments:
             raise InputError("SearchArguments.perturbations must be >= 3 (a rank correlation)")
         if self.optimizer not in OPTIMIZERS:
             raise InputError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not (math.isfinite(self.margin) and self.margin >= 0):
+            raise InputError(f"margin must be a finite number >= 0, got {self.margin!r}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise InputError(f"learning_rate must be > 0, got {self.learning_rate!r}")
 
     def damping_candidates(self) -> list[Damping]:
-        return [Damping(factor=f) for f in self.factors]
+        """The candidates, and the default rule (0.1 ×) among them, last if not given."""
+        factors = self.factors + ((DAMPING_FACTOR,) if DAMPING_FACTOR not in self.factors else ())
+        return [Damping(factor=f) for f in factors]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,18 +102,32 @@ class SearchArguments:
 
 @dataclass
 class DampingChoice:
-    """The chosen damping, and every candidate's agreement (mean ± s.e. over probes)."""
+    """The chosen damping, every candidate's agreement (mean ± s.e. over probes), and the
+    best candidate's paired margin over the default rule (``versus_default``)."""
 
     damping: Damping
     candidates: list[dict[str, Any]]
     arguments: SearchArguments
+    versus_default: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "chosen": self.damping.describe(),
+            "versus_default": self.versus_default,
             "candidates": self.candidates,
             "arguments": self.arguments.to_dict(),
         }
+
+    def describe(self) -> str:
+        """One line for people: what was chosen and why."""
+        v = self.versus_default
+        gain = f"{v['mean']:+.3f} ± {v['stderr']:.3f}" if v else ""
+        if v.get("kept_default"):
+            return (
+                f"kept {self.damping.describe()}: the best candidate ({v['best']}) did not beat "
+                f"it by {self.arguments.margin:g} s.e. (agreement {gain})"
+            )
+        return f"{self.damping.describe()} (agreement {gain} over the default)"
 
 
 def choose_damping(
@@ -122,15 +150,49 @@ def choose_damping(
     masks = random_halves(len(train), search.perturbations, search.seed)
     measured = perturbation_responses(model, task, train, probes, factors, masks, search, progress)
     predicted = candidate_predictions(model, task, train, probes, factors, masks, search, scoring)
-    rows = []
-    for damping, guess in zip(search.damping_candidates(), predicted, strict=True):
-        per_probe = rank_correlations(guess, measured)
-        finite = per_probe[torch.isfinite(per_probe)]
-        stderr = finite.std().item() / math.sqrt(finite.numel()) if finite.numel() > 1 else 0.0
-        mean = finite.mean().item() if finite.numel() else -math.inf
-        rows.append({"damping": damping.describe(), "agreement": mean, "stderr": stderr})
-    best = max(range(len(rows)), key=lambda i: rows[i]["agreement"])
-    return DampingChoice(search.damping_candidates()[best], rows, search)
+    candidates = search.damping_candidates()
+    per_probe = [rank_correlations(guess, measured) for guess in predicted]
+    rows = [
+        {"damping": d.describe(), **mean_and_stderr(values)}
+        for d, values in zip(candidates, per_probe, strict=True)
+    ]
+    for row in rows:
+        row["agreement"] = row.pop("mean")
+    chosen, versus = pick(per_probe, candidates.index(Damping()), search.margin)
+    versus["best"] = candidates[versus.pop("best_index")].describe()
+    return DampingChoice(candidates[chosen], rows, search, versus)
+
+
+def pick(per_probe: list[torch.Tensor], default: int, margin: float) -> tuple[int, dict]:
+    """The index of the candidate with the highest mean agreement if it beats ``default``'s
+    by more than ``margin`` standard errors of the paired per-probe difference, else
+    ``default``; and that comparison.
+
+    >>> strong = [torch.tensor([0.1, 0.2, 0.1, 0.2]), torch.tensor([0.5, 0.6, 0.5, 0.6])]
+    >>> noise = torch.tensor([0.01, -0.01, 0.02, -0.01])
+    >>> pick(strong, 0, 2.0)[0], pick([strong[0], strong[0] + noise], 0, 2.0)[0]
+    (1, 0)
+    """
+    means = [mean_and_stderr(v)["mean"] for v in per_probe]
+    best = max(range(len(means)), key=lambda i: means[i])
+    difference = mean_and_stderr(per_probe[best] - per_probe[default])
+    clear = best == default or difference["mean"] > margin * difference["stderr"]
+    if difference["stderr"] == 0 and best != default:  # identical per-probe gains: no noise
+        clear = difference["mean"] > 0
+    return (best if clear else default), {
+        **difference,
+        "best_index": best,
+        "kept_default": not clear,
+    }
+
+
+def mean_and_stderr(values: torch.Tensor) -> dict[str, float]:
+    """Mean and standard error of the finite values (−inf and 0 when there are none)."""
+    finite = values[torch.isfinite(values)].double()
+    if not finite.numel():
+        return {"mean": -math.inf, "stderr": 0.0}
+    stderr = finite.std().item() / math.sqrt(finite.numel()) if finite.numel() > 1 else 0.0
+    return {"mean": finite.mean().item(), "stderr": stderr}
 
 
 def random_halves(n: int, count: int, seed: int) -> torch.Tensor:

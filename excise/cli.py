@@ -266,7 +266,7 @@ def _run_attribute(args: argparse.Namespace) -> int:
             best = row["proponents"][0]
             print(f"  {row['query_id']}: {best['id']} ({best['score']:.4g})", file=sys.stderr)
         if result.get("damping_choice"):
-            print(f"  damping chosen on data: {result['damping_choice']}", file=sys.stderr)
+            print(f"  damping search: {result['damping_choice']}", file=sys.stderr)
     print(result["out"])
     return EXIT_OK
 

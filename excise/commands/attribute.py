@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.model, args.train, score_arguments.damping, choice is not None, 1 + len(members)
     )
     write_topk(out, rows, described, factors)
-    chosen = choice.damping.describe() if choice else None
+    chosen = choice.describe() if choice else None
     return {
         "out": str(out),
         "queries": len(queries),

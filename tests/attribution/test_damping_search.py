@@ -114,8 +114,9 @@ def test_stacked_candidates_equal_one_scoring_per_candidate():
     masks = random_halves(len(train), 4, seed=0)
     scoring = ScoreArguments(dtype="float64", batch_size=4)
     stacked = candidate_predictions(model, TASK, train, probes, factors, masks, search, scoring)
-    for factor, found in zip(search.factors, stacked, strict=True):
-        arguments = ScoreArguments(dtype="float64", batch_size=4, damping=Damping(factor=factor))
+    assert [d.factor for d in search.damping_candidates()] == [0.01, 1.0, 0.1]  # + the default
+    for damping, found in zip(search.damping_candidates(), stacked, strict=True):
+        arguments = ScoreArguments(dtype="float64", batch_size=4, damping=damping)
         scores = pairwise_scores(model, TASK, probes, train, factors, arguments).total
         torch.testing.assert_close(found, -(masks.double() @ scores.T), rtol=1e-9, atol=1e-12)
 
@@ -170,6 +171,7 @@ def test_the_choice_is_reproducible_and_seeded():
         {"learning_rate": 0.0},
         {"batch_size": True},
         {"optimizer": "lbfgs"},
+        {"margin": -1.0},
     ],
 )
 def test_bad_search_arguments_are_refused(bad):
@@ -182,3 +184,21 @@ def test_too_few_training_examples_are_refused():
     train = random_examples(3, seed=1)
     with pytest.raises(InputError, match="at least 4"):
         choose_damping(model, TASK, train, train, fit(model, train))
+
+
+def test_responses_that_are_pure_noise_keep_the_default_and_say_so(monkeypatch):
+    """When the measured loss changes carry no signal (here: replaced by seeded noise),
+    every candidate's agreement is noise and the default rule must stay."""
+    import attribution.damping_search as search_module
+
+    def noise(model, task, train, probes, factors, masks, search, progress=None):
+        generator = torch.Generator().manual_seed(0)
+        return torch.randn(len(masks), len(probes), generator=generator, dtype=torch.float64)
+
+    monkeypatch.setattr(search_module, "perturbation_responses", noise)
+    model = tiny_llama()
+    train, probes = random_examples(12, seed=1), random_examples(12, seed=2)
+    factors = fit(model, train)
+    choice = choose_damping(model, TASK, train, probes, factors, SearchArguments(steps=1))
+    assert choice.damping == Damping() and choice.versus_default["kept_default"]
+    assert choice.describe().startswith("kept 0.1 × mean eigenvalue")

@@ -263,7 +263,8 @@ def test_choose_damping_writes_its_choice_and_scores_with_it(files, tmp_path):
     search = ("--search-perturbations", "4", "--search-steps", "3")
     assert attribute(files, chosen, "--choose-damping", *search) == 0
     record = json.loads((chosen / "damping.json").read_text())
-    assert len(record["candidates"]) == len(record["arguments"]["factors"]) == 8
+    assert len(record["candidates"]) == len(record["arguments"]["factors"]) == 8  # 0.1 among them
+    assert set(record["versus_default"]) >= {"mean", "stderr", "kept_default", "best"}
     assert record["chosen"] in [row["damping"] for row in record["candidates"]]
     assert "(chosen on data" in (chosen / "summary.md").read_text()
     factor = record["chosen"].split(" ")[0]
