@@ -522,6 +522,11 @@ def finish(report: dict[str, Any], folder: Path) -> str:
     ]
     peers = ("dattri-tracin", "dattri-datainf", "dattri-trak", "dattri-cg", "dattri-arnoldi")
     pairs += [("excise-ekfac", p) for p in peers]
+    # excise attribute's defaults (true Fisher) against the empirical Fisher, the
+    # curvature-free baseline and the strongest peers
+    others = ("excise-ekfac", "excise-identity", "dattri-cg", "dattri-arnoldi")
+    pairs += [("excise-ekfac-true", p) for p in others]
+    pairs += [("excise-ekfac-chosen", "excise-ekfac")]
     for r in report["results"]:
         for a, b in pairs:
             if a in r["methods"] and b in r["methods"]:
