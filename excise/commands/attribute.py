@@ -152,9 +152,10 @@ def _search_arguments(args, score_arguments: ScoreArguments) -> SearchArguments 
 
 
 def add_search_options(parser: argparse.ArgumentParser) -> None:
-    """--search-perturbations, --search-steps, --search-learning-rate, --search-optimizer."""
-    names = {f: "--search-" + f.replace("_", "-") for f in ("perturbations", "steps", "optimizer")}
-    names["learning_rate"] = "--search-learning-rate"
+    """--search-perturbations, --search-steps, --search-learning-rate, --search-optimizer,
+    --search-margin: the damping search's arguments."""
+    fields_ = ("perturbations", "steps", "learning_rate", "optimizer", "margin")
+    names = {f: "--search-" + f.replace("_", "-") for f in fields_}
     add_options(parser, SearchArguments, "search", names=names, skip=("seed", "batch_size"))
 
 

@@ -139,6 +139,7 @@ def assert_one_line_message(stderr, message):
         (["--choose-damping", "--search-perturbations", "2"], "perturbations must be >= 3"),
         (["--choose-damping", "--search-learning-rate", "nan"], "learning_rate must be > 0"),
         (["--choose-damping", "--search-optimizer", "lbfgs"], "invalid choice"),
+        (["--choose-damping", "--search-margin", "-1"], "margin must be a finite number >= 0"),
     ],
 )
 def test_bad_arguments_exit_2_and_write_nothing(files, tmp_path, extra, message):
