@@ -23,26 +23,14 @@ from attribution import Damping, ScoreArguments
 from attribution.artifacts import utc_timestamp
 from attribution.damping_search import SearchArguments, choose_damping
 from benchmarks.common import RESULTS, write_report
-from benchmarks.fidelity import (
-    FIDELITY_CACHE,
-    FULL,
-    cached_model,
-    ground_truth,
-    lds,
-    make_setting,
-    subset_masks,
-    summary,
-)
+from benchmarks.fidelity import lds, summary
 from benchmarks.fidelity_methods import BATCH_SIZE, excise_factors, excise_pairwise
+from benchmarks.fidelity_sweep import cached_setting
 
 
 def evaluate(setting_name: str, seeds: list[int], search: SearchArguments) -> dict[str, Any]:
     """LDS per candidate damping, and the search's choice per seed, on one setting."""
-    setting = make_setting(setting_name, argparse.Namespace(digits_data=None))
-    folder = FIDELITY_CACHE / setting.key()
-    model = cached_model(setting, folder, "full", range(len(setting.train)), 0, True)[1]
-    masks = subset_masks(len(setting.train), FULL[setting_name]["subsets"])
-    measured = ground_truth(setting, masks, FULL[setting_name]["seeds"], folder).mean(1)
+    setting, model, masks, measured = cached_setting(setting_name)
     factors = excise_factors(setting, model, "ekfac", "empirical")
     per_candidate = {}
     for damping in [Damping(), *search.damping_candidates()]:

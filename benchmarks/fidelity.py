@@ -83,15 +83,11 @@ def subset_masks(n_train: int, n_subsets: int) -> torch.Tensor:
 
 def spearman_columns(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Spearman correlation of each column of x [m, q] with the same column of y (average
-    ranks for ties); NaN for a constant column."""
-    from scipy.stats import rankdata
+    ranks for ties); NaN for a constant column. The library's, which the damping search
+    uses too."""
+    from attribution.damping_search import rank_correlations
 
-    rx = torch.as_tensor(rankdata(x.double().numpy(), axis=0))
-    ry = torch.as_tensor(rankdata(y.double().numpy(), axis=0))
-    rx, ry = rx - rx.mean(0), ry - ry.mean(0)
-    denominator = (rx.norm(dim=0) * ry.norm(dim=0)).clamp(min=0)
-    corr = (rx * ry).sum(0) / denominator
-    return torch.where(denominator > 0, corr, torch.full_like(corr, math.nan))
+    return rank_correlations(x, y)
 
 
 def lds(scores: torch.Tensor, masks: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:

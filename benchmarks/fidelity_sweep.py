@@ -56,16 +56,23 @@ def parse_configuration(text: str) -> dict[str, Any]:
     }
 
 
-def sweep(
-    setting_name: str, configurations: list[str], modules: str | None = None
-) -> dict[str, Any]:
-    """LDS (mean ± s.e. over queries) and seconds of every configuration on one setting;
-    ``modules``: a regex of tracked modules instead of the setting's (excise's default)."""
+def cached_setting(setting_name: str):
+    """``(setting, model, masks, measured)``: the setting, its full-data model (seed 0) and
+    the fidelity benchmark's subsets and measured query losses, from the cache."""
     setting = make_setting(setting_name, argparse.Namespace(digits_data=None))
     folder = FIDELITY_CACHE / setting.key()
     model = cached_model(setting, folder, "full", range(len(setting.train)), 0, True)[1]
     masks = subset_masks(len(setting.train), FULL[setting_name]["subsets"])
     measured = ground_truth(setting, masks, FULL[setting_name]["seeds"], folder).mean(1)
+    return setting, model, masks, measured
+
+
+def sweep(
+    setting_name: str, configurations: list[str], modules: str | None = None
+) -> dict[str, Any]:
+    """LDS (mean ± s.e. over queries) and seconds of every configuration on one setting;
+    ``modules``: a regex of tracked modules instead of the setting's (excise's default)."""
+    setting, model, masks, measured = cached_setting(setting_name)
     factors = excise_factors(setting, model, "ekfac", "empirical", modules)
     rows = []
     for text in configurations:
