@@ -3,7 +3,8 @@
 The task contract (:class:`Task`, :class:`LanguageModelingTask`: loss, measurement and
 per-token scores of a batch), curvature factors (identity, diagonal, K-FAC, EK-FAC) with
 their damped inverse (:class:`Damping`), and influence scores (pairwise, self, per module,
-per token, top-k). Everything else stays importable from its module: per-example
+per token, top-k), and a gradient index of a training set for repeated queries
+(:mod:`attribution.index`). Everything else stays importable from its module: per-example
 gradients (:mod:`attribution.gradients`), the stores on disk (:mod:`attribution.store`),
 fingerprints (:mod:`attribution.fingerprint`), errors (:mod:`attribution.errors`) ...
 
@@ -15,6 +16,7 @@ fingerprints (:mod:`attribution.fingerprint`), errors (:mod:`attribution.errors`
 from attribution.curvature import Damping, FactorArguments, Factors, fit_factors
 from attribution.errors import InputError
 from attribution.gradients import per_example_gradients
+from attribution.index import Index, IndexArguments, build_index, index_scores
 from attribution.influence import (
     ScoreArguments,
     Scores,
@@ -45,6 +47,11 @@ __all__ = [
     "self_scores",
     "stored_pairwise_scores",
     "top_k",
+    # a gradient index for repeated queries
+    "Index",
+    "IndexArguments",
+    "build_index",
+    "index_scores",
     # errors
     "InputError",
 ]

@@ -33,9 +33,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from attribution.distributed import (
+    all_reduce_sums,
+    broadcast,
+    current_shard,
+    gather_counts,
+    on_main,
+    to_cpu,
+    work_record,
+)
 from attribution.errors import InputError, NonFiniteError
-from attribution.gradients import module_io, outer_sum
-from attribution.modules import select_modules
+from attribution.gradients import Visitor, module_io, outer_sum, stream_io
+from attribution.modules import layout_shape, select_modules
+from attribution.precision import AUTOCAST
 from attribution.store import FactorStore
 from attribution.task import Task, batches
 
@@ -108,10 +118,24 @@ class FactorArguments:
     )
     dtype: str = field(
         default="float32",  # bf16 covariances break eigenvectors: never below float32
-        metadata={"help": "float32 or float64: per-example gradients and accumulation"},
+        metadata={
+            "help": "per-example gradients, factors and scores in float32 or float64 (float64: "
+            "equal to ~1e-10 whatever the batch size, parts or processes; float32 rounding "
+            "can turn the eigenvectors of nearly equal eigenvalues, and EK-FAC with them)",
+            "choices": tuple(DTYPES),
+        },
+    )
+    autocast: str = field(
+        default="none",
+        metadata={
+            "help": "run forward passes in bfloat16 or float16 (autocast; float16 with a loss "
+            "scale), the factors still summed in --dtype; none: in the model's own dtype",
+            "choices": tuple(AUTOCAST),
+        },
     )
 
     def __post_init__(self) -> None:
+        _check_choice("autocast", self.autocast, tuple(AUTOCAST))
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("fisher", self.fisher, FISHER_TYPES)
         _check_choice("dtype", self.dtype, tuple(DTYPES))
@@ -144,6 +168,7 @@ class Factors:
     arguments: FactorArguments
     tensors: dict[str, dict[str, torch.Tensor]]
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    work: dict[str, dict[str, str]] = field(default_factory=dict)  # stage → who did what
 
     @property
     def modules(self) -> list[str]:
@@ -256,32 +281,38 @@ def fit_factors(
     modules = select_modules(model, arguments.modules)
     if len(examples) == 0:
         raise InputError("no examples to fit factors on")
+    shard = current_shard()
     store = None
     if folder is not None:
-        store = FactorStore.open_for(
-            folder, arguments, model, list(modules), fingerprint, train=examples
+        store = on_main(
+            lambda: FactorStore.open_for(
+                folder, arguments, model, list(modules), fingerprint, train=examples
+            ),
+            shard,
         )
     tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
     seconds: dict[str, float] = {}
+    work: dict[str, dict[str, str]] = {}
     for stage in STAGES[arguments.strategy]:
-        saved = store.load_nested(stage) if store else None
+        saved = broadcast(store.load_nested(stage) if store else None, shard)
         if saved is None:
             started = time.perf_counter()
-            if stage == "eigendecomposition":
-                saved = eigendecompose(tensors, arguments.torch_dtype)
+            if stage == "eigendecomposition":  # rank 0's, so that every rank has its bits
+                saved = broadcast(eigendecompose(tensors, arguments.torch_dtype), shard)
             else:
                 eigen = tensors if stage == "lambda" else None
-                sums = _partitioned_sums(
+                sums, work[stage] = _partitioned_sums(
                     stage, model, task, examples, arguments, modules, eigen, store, progress
                 )
                 saved = _normalize(sums, arguments.torch_dtype)
             seconds[stage] = time.perf_counter() - started
             if store:
-                store.save_nested(stage, saved)
+                store.save_nested(stage, to_cpu_nested(saved), work.get(stage))
                 store.drop_parts(stage)
+        saved = _to_device(saved, model)
         for name, values in saved.items():
             tensors[name].update(values)
-    return Factors(arguments, tensors, seconds)
+    return Factors(arguments, tensors, seconds, work)
 
 
 def eigendecompose(
@@ -299,21 +330,34 @@ def eigendecompose(
 
 
 def _partitioned_sums(stage, model, task, examples, arguments, modules, eigen, store, progress):
-    """The stage's sums over all examples, added up part by part (each part saved)."""
+    """The stage's sums over all examples, added up part by part (each part saved).
+
+    Under ``torchrun`` each part is shared among the ranks (:mod:`attribution.distributed`)
+    and their sums are all-reduced; rank 0 saves. Returns the sums and what each rank did.
+    """
+    shard = current_shard()
     total: dict[str, dict[str, torch.Tensor]] = {}
+    counts, resumed = [0] * shard.world_size, 0
     for part, (start, stop) in enumerate(partition_bounds(len(examples), arguments.partitions)):
-        sums = store.load_nested(f"{stage}.part-{part}") if store else None
+        sums = broadcast(store.load_nested(f"{stage}.part-{part}") if store else None, shard)
         if sums is None:
+            low, high = shard.bounds(start, stop)
             sums = stage_sums(
-                stage, model, task, examples, arguments, modules, eigen, start, stop, progress
+                stage, model, task, examples, arguments, modules, eigen, low, high, progress
             )
+            done = gather_counts(_sequences(sums), shard)
+            all_reduce_sums(sums, shard)
+            counts = [a + b for a, b in zip(counts, done, strict=True)]
             if store:
-                store.save_nested(f"{stage}.part-{part}", sums)
+                store.save_nested(f"{stage}.part-{part}", to_cpu_nested(sums))
+        else:
+            sums = _to_device(sums, model)
+            resumed += stop - start
         for name, values in sums.items():
             acc = total.setdefault(name, {})
             for key, value in values.items():
                 acc[key] = value if key not in acc else acc[key] + value
-    return total
+    return total, work_record(counts, resumed)
 
 
 def stage_sums(
@@ -333,51 +377,117 @@ def stage_sums(
     ``covariance``: Σ a aᵀ over non-padding tokens (``n_tokens`` of them) and Σ g gᵀ over
     all tokens; ``lambda``: Σ_z (Q_Sᵀ G_z Q_A)², the rotation applied to each token's a and
     g before they are multiplied (Q_Sᵀ G_z Q_A = Σₜ (Q_Sᵀ gₜ)(Q_Aᵀ aₜ)ᵀ); ``diagonal``:
-    Σ_z G_z ⊙ G_z. Every stage also counts ``n_sequences``.
+    Σ_z G_z ⊙ G_z. Every stage also counts ``n_sequences``. The sums start from zeros of
+    the right shapes (an empty range gives zeros) and are accumulated inside the hooks
+    (:func:`~attribution.gradients.stream_io`): no module's a or g outlives its use.
     """
-    sums: dict[str, dict[str, torch.Tensor]] = {}
+    sums = zero_sums(stage, model, modules, arguments.torch_dtype)
     stop = len(examples) if stop is None else stop
-    for batch, records in training_passes(
-        model, task, examples, arguments, modules, stage, start, stop, progress
+    for batch, generators in labelled_batches(
+        model, task, examples, arguments, stage, start, stop, progress
     ):
-        n_batch = batch["input_ids"].shape[0]
-        for name, record in records.items():
-            acc = sums.setdefault(name, {})
-            if stage == "covariance":
-                values = _covariance_terms(record, task.token_mask(batch))
-            else:
-                values = {stage: _squared_gradients(record, eigen[name] if eigen else None)}
-            values["n_sequences"] = torch.tensor(float(n_batch), dtype=torch.float64)
-            for key, value in values.items():
-                acc[key] = value if key not in acc else acc[key] + value
+        if stage == "covariance":
+            visitor = _CovarianceVisitor(sums, task.token_mask(batch))
+        else:
+            visitor = _SquaredGradientVisitor(sums, stage, eigen)
+        stream_io(
+            model,
+            task,
+            batch,
+            modules,
+            visitor,
+            sample=arguments.fisher == "true",
+            generator=generators,
+            dtype=arguments.torch_dtype,
+            autocast_to=arguments.autocast,
+        )
+        visitor.flush()
+        for values in sums.values():
+            values["n_sequences"] += batch["input_ids"].shape[0]
     return sums
 
 
-def _covariance_terms(record, mask) -> dict[str, torch.Tensor]:
-    terms: dict[str, torch.Tensor] = {}
-    for a, g in zip(record.inputs, record.output_grads, strict=True):
-        a = _masked_tokens(a, mask)
+def zero_sums(
+    stage: str, model: nn.Module, modules: Mapping[str, nn.Module], dtype: torch.dtype
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Zeros of every sum a stage accumulates, on the model's device."""
+    device = next(model.parameters()).device
+    sums = {}
+    for name, module in modules.items():
+        n_out, n_in = layout_shape(module)
+        if stage == "covariance":
+            values = {
+                "activation_covariance": torch.zeros(n_in, n_in, dtype=dtype, device=device),
+                "gradient_covariance": torch.zeros(n_out, n_out, dtype=dtype, device=device),
+                "n_tokens": torch.zeros((), dtype=torch.float64, device=device),
+            }
+        else:
+            values = {stage: torch.zeros(n_out, n_in, dtype=dtype, device=device)}
+        values["n_sequences"] = torch.zeros((), dtype=torch.float64, device=device)
+        sums[name] = values
+    return sums
+
+
+class _CovarianceVisitor(Visitor):
+    """Σ a aᵀ (non-padding tokens) in the forward hook, Σ g gᵀ in the gradient hook."""
+
+    def __init__(self, sums, mask):
+        self.sums, self.mask = sums, mask
+
+    def on_input(self, name, a):
+        a = _masked_tokens(a, self.mask)
+        self.sums[name]["activation_covariance"] += a.T @ a
+        self.sums[name]["n_tokens"] += a.shape[0]
+
+    def on_grad(self, name, kept, g, last):
         g = g.reshape(-1, g.shape[-1])
-        batch_terms = {
-            "activation_covariance": a.T @ a,
-            "gradient_covariance": g.T @ g,
-            "n_tokens": torch.tensor(float(a.shape[0]), dtype=torch.float64),
-        }
-        for key, value in batch_terms.items():
-            terms[key] = value if key not in terms else terms[key] + value
-    return terms
+        self.sums[name]["gradient_covariance"] += g.T @ g
+
+    def flush(self):
+        pass
 
 
-def _squared_gradients(record, eigen) -> torch.Tensor:
-    """Σ_z over the batch of (Q_Sᵀ G_z Q_A)² (or G_z² without ``eigen``)."""
-    total = None
-    for a, g in zip(record.inputs, record.output_grads, strict=True):
-        if eigen is not None:
-            a = a @ eigen["activation_eigenvectors"].to(a.dtype)
-            g = g @ eigen["gradient_eigenvectors"].to(g.dtype)
-        term = outer_sum(g, a)  # per-example gradient, maybe rotated
-        total = term if total is None else total + term
-    return (total**2).sum(0)
+class _SquaredGradientVisitor(Visitor):
+    """Σ_z (Q_Sᵀ G_z Q_A)² (or G_z² without eigenvectors): the input is rotated in the
+    forward hook, and each call's rotated per-example gradient added up in the gradient
+    hook; squared once the module's last call has arrived."""
+
+    def __init__(self, sums, stage, eigen):
+        self.sums, self.stage, self.eigen = sums, stage, eigen
+        self.partial: dict[str, torch.Tensor] = {}
+
+    def on_input(self, name, a):
+        return a @ self.eigen[name]["activation_eigenvectors"].to(a.dtype) if self.eigen else a
+
+    def on_grad(self, name, kept, g, last):
+        if self.eigen:
+            g = g @ self.eigen[name]["gradient_eigenvectors"].to(g.dtype)
+        term = outer_sum(g, kept)  # per-example gradient of this call, maybe rotated
+        self.partial[name] = term if name not in self.partial else self.partial[name] + term
+        if last:
+            self._square(name)
+
+    def flush(self):
+        for name in list(self.partial):  # modules with a call that never got a gradient
+            self._square(name)
+
+    def _square(self, name):
+        self.sums[name][self.stage] += (self.partial.pop(name) ** 2).sum(0)
+
+
+def _sequences(sums: Mapping[str, Mapping[str, torch.Tensor]]) -> int:
+    """How many sequences the sums were accumulated over."""
+    first = next(iter(sums.values()))
+    return int(first["n_sequences"].item())
+
+
+def to_cpu_nested(values: Mapping[str, Mapping[str, torch.Tensor]]):
+    return {name: to_cpu(quantities) for name, quantities in values.items()}
+
+
+def _to_device(values, model: nn.Module):
+    device = next(model.parameters()).device
+    return {name: {k: t.to(device) for k, t in q.items()} for name, q in values.items()}
 
 
 def _normalize(
@@ -404,21 +514,20 @@ def partition_bounds(n: int, partitions: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in itertools.pairwise(edges) if b > a]
 
 
-def training_passes(
+def labelled_batches(
     model: nn.Module,
     task: Task,
     examples: Sequence[Any],
     arguments: FactorArguments,
-    modules: Mapping[str, nn.Module],
     desc: str,
     start: int,
     stop: int,
     progress: bool | None,
-) -> Iterator[tuple[dict[str, torch.Tensor], dict]]:
-    """One forward/backward pass per batch; yields the batch and what the modules saw.
+) -> Iterator[tuple[dict[str, torch.Tensor], list[torch.Generator] | None]]:
+    """Batches of ``examples[start:stop]`` with, for the true Fisher, a generator per example.
 
-    For the true Fisher, example i's labels are drawn with its own generator, seeded by
-    (``seed``, stage, i): the draws do not depend on batch size or partitioning.
+    Example i's labels are drawn with its own generator, seeded by (``seed``, stage, i):
+    the draws do not depend on batch size, partitioning or the rank that processes it.
     """
     sample = arguments.fisher == "true"
     stage_offset = 0 if desc == "covariance" else 1
@@ -432,6 +541,26 @@ def training_passes(
                 _example_generator(arguments.seed, stage_offset, i, device)
                 for i in range(first, last)
             ]
+        yield batch, generators
+
+
+def training_passes(
+    model: nn.Module,
+    task: Task,
+    examples: Sequence[Any],
+    arguments: FactorArguments,
+    modules: Mapping[str, nn.Module],
+    desc: str,
+    start: int,
+    stop: int,
+    progress: bool | None,
+) -> Iterator[tuple[dict[str, torch.Tensor], dict]]:
+    """One forward/backward pass per batch; yields the batch and what the modules saw
+    (labels as :func:`labelled_batches` draws them)."""
+    sample = arguments.fisher == "true"
+    for batch, generators in labelled_batches(
+        model, task, examples, arguments, desc, start, stop, progress
+    ):
         records = module_io(
             model,
             task,
@@ -440,6 +569,7 @@ def training_passes(
             sample=sample,
             generator=generators,
             dtype=arguments.torch_dtype,
+            autocast_to=arguments.autocast,
         )
         yield batch, records
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from attribution.errors import NonFiniteError
 from attribution.modules import from_parameter_gradients, has_bias
+from attribution.precision import autocast
 from attribution.task import Generators, Task
 
 
@@ -131,19 +132,124 @@ def module_io(
     sample: bool = False,
     generator: Generators = None,
     dtype: torch.dtype | None = None,
+    autocast_to: str = "none",
 ) -> dict[str, ModuleIO]:
     """One forward and backward pass: each tracked module's inputs a and output grads g.
 
     The objective is the task's loss (labels sampled when ``sample``) or, with
-    ``measurement``, the task's measurement (what a query's influence is measured on).
+    ``measurement``, the task's measurement (what a query's influence is measured on);
+    ``autocast_to``: the forward's autocast (:func:`attribution.precision.autocast`).
     """
     with capture(modules, dtype) as records, torch.enable_grad():
-        if measurement:
-            objective = task.measurement(model, batch)
-        else:
-            objective = task.loss(model, batch, sample=sample, generator=generator)
-        backward_to_outputs(objective, records, dtype)
+        with autocast(_device_of(batch), autocast_to) as scale:
+            if measurement:
+                objective = task.measurement(model, batch)
+            else:
+                objective = task.loss(model, batch, sample=sample, generator=generator)
+        backward_to_outputs(objective * scale, records, dtype)
+        if scale != 1:
+            for record in records.values():
+                record.output_grads[:] = [g / scale for g in record.output_grads]
     return records
+
+
+class Visitor:
+    """What :func:`stream_io` does with each call of a tracked module (subclass it).
+
+    ``on_input(name, a)`` sees the input a ``[batch, seq, in (+1)]`` during the forward
+    pass and returns what must be kept until the backward (None: nothing);
+    ``on_grad(name, kept, g, last)`` sees g = ∂L/∂output ``[batch, seq, out]`` as soon as
+    autograd has it; ``last`` is True for the module's last call to be differentiated.
+    """
+
+    def on_input(self, name: str, a: torch.Tensor) -> object:
+        return None
+
+    def on_grad(self, name: str, kept: object, g: torch.Tensor, last: bool) -> None:
+        pass
+
+
+def stream_io(
+    model: nn.Module,
+    task: Task,
+    batch: Mapping[str, torch.Tensor],
+    modules: Mapping[str, nn.Module],
+    visitor: Visitor,
+    sample: bool = False,
+    generator: Generators = None,
+    dtype: torch.dtype | None = None,
+    autocast_to: str = "none",
+) -> None:
+    """One forward and backward pass of the task's loss that hands each module's a and g
+    to ``visitor`` as soon as they exist and keeps neither (unlike :func:`module_io`,
+    which holds every module's a and g for the whole batch).
+
+    Every parameter of the model is frozen for the pass, so the tracked modules' inputs
+    that do not require grad (the first layer's) become leaves that do; autograd
+    differentiates the loss with respect to those leaves alone, and each tracked output's
+    gradient passes through a tensor hook on the way, is visited and freed as the
+    backward moves on. No weight gradient is computed. ``autocast_to``: the forward's
+    autocast (:func:`attribution.precision.autocast`); a and g are visited in ``dtype``.
+    """
+    pending = dict.fromkeys(modules, 0)  # calls whose gradient has not arrived yet
+    leaves: list[torch.Tensor] = []
+    scale = [1.0]  # the loss scale of the forward's precision
+    handles, flags = [], []
+
+    def leaf_input(module: nn.Module, args: tuple) -> tuple | None:
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and torch.is_grad_enabled() and not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+            leaves.append(x)
+            return (x, *args[1:])
+        return None
+
+    def forward_hook(name, bias):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            a = _as_sequence(inputs[0].detach(), dtype)
+            if bias:
+                a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+            with torch.autocast(a.device.type, enabled=False):  # the visitor's sums: in dtype
+                kept = [visitor.on_input(name, a)]
+            pending[name] += 1
+
+            def grad_hook(g: torch.Tensor) -> None:
+                pending[name] -= 1
+                g = _as_sequence(g, dtype) / scale[0] if scale[0] != 1 else _as_sequence(g, dtype)
+                visitor.on_grad(name, kept.pop(), g, pending[name] == 0)
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    try:
+        for p in model.parameters():
+            flags.append((p, p.requires_grad))
+            p.requires_grad_(False)
+        for name, module in modules.items():
+            handles.append(module.register_forward_pre_hook(leaf_input))
+            handles.append(module.register_forward_hook(forward_hook(name, has_bias(module))))
+        with torch.enable_grad():
+            with autocast(_device_of(batch), autocast_to) as scale[0]:
+                loss = task.loss(model, batch, sample=sample, generator=generator)
+            _check_finite(loss, "the loss")
+            if loss.requires_grad:
+                torch.autograd.grad(loss.sum() * scale[0], leaves, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _device_of(batch: Mapping[str, torch.Tensor]) -> torch.device:
+    return batch["input_ids"].device
+
+
+def _as_sequence(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``x`` as [batch, seq, features] in ``dtype``."""
+    x = x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
+    return x.to(dtype) if dtype is not None else x
 
 
 def per_example_gradients(

@@ -28,9 +28,18 @@ import torch
 from torch import nn
 
 from attribution.curvature import DTYPES, Damping, Factors, partition_bounds
+from attribution.distributed import (
+    broadcast,
+    current_shard,
+    gather,
+    on_main,
+    to_cpu,
+    work_record,
+)
 from attribution.errors import InputError
 from attribution.gradients import example_gradients, module_io, outer_sum
 from attribution.modules import select_modules
+from attribution.precision import AUTOCAST
 from attribution.solve import CURVATURES, conjugate_gradient
 from attribution.store import ScoreStore
 from attribution.task import Task, batches
@@ -53,6 +62,10 @@ class ScoreArguments:
     per_module: bool = field(default=False, metadata={"help": "keep each module's scores"})
     per_token: bool = field(default=False, metadata={"help": "keep each training token's score"})
     dtype: str = field(default="float32", metadata={"help": "float32 or float64"})
+    autocast: str = field(
+        default="none",
+        metadata={"help": "forward passes in bfloat16/float16 (see FactorArguments)"},
+    )
     cg_curvature: str = field(
         default="fisher",
         metadata={
@@ -73,6 +86,11 @@ class ScoreArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.autocast not in AUTOCAST:
+            raise InputError(
+                f"ScoreArguments.autocast must be one of {', '.join(AUTOCAST)}, "
+                f"got {self.autocast!r}"
+            )
         if self.dtype not in DTYPES:
             raise InputError(f"ScoreArguments.dtype must be float32 or float64, got {self.dtype!r}")
         for name in ("batch_size", "partitions"):
@@ -208,10 +226,41 @@ def pairwise_scores(
     arguments: ScoreArguments | None = None,
     progress: bool | None = None,
 ) -> Scores:
-    """Influence of every training example on every query (see the module docstring)."""
+    """Influence of every training example on every query (see the module docstring).
+
+    Under ``torchrun`` the training set is shared among the ranks and every rank gets all
+    the columns (:mod:`attribution.distributed`).
+    """
     arguments = arguments or ScoreArguments()
     if not isinstance(queries, QueryGradients):
         queries = precondition_queries(model, task, queries, factors, arguments, progress, train)
+    return _shared_columns(
+        model, task, queries, train, 0, len(train), factors, arguments, progress
+    )[0]
+
+
+def _shared_columns(model, task, queries, train, start, stop, factors, arguments, progress):
+    """The scores of ``train[start:stop]``, each rank computing its share (then gathered),
+    and the number of examples each rank scored."""
+    shard = current_shard()
+    low, high = shard.bounds(start, stop)
+    scores, done = _columns(model, task, queries, train[low:high], factors, arguments, progress)
+    if not shard.parallel:
+        return scores, [done]
+    shares = gather((as_cpu_scores(scores), done), shard)
+    return _join([s for s, _ in shares]), [d for _, d in shares]
+
+
+def _columns(
+    model: nn.Module,
+    task: Task,
+    queries: QueryGradients,
+    train: Sequence[Any],
+    factors: Factors,
+    arguments: ScoreArguments,
+    progress: bool | None,
+) -> tuple[Scores, int]:
+    """Scores of every example of ``train`` (this process alone), and how many it scored."""
     modules = _factor_modules(model, factors)
     n_q, n_train = queries.n_queries, len(train)
     total = torch.zeros(n_q, n_train, dtype=arguments.torch_dtype)
@@ -223,18 +272,27 @@ def pairwise_scores(
     )
     start = 0
     for _, _, batch in batches(model, task, train, arguments.batch_size, "train", progress):
-        records = module_io(model, task, batch, modules, dtype=arguments.torch_dtype)
+        records = module_io(
+            model, task, batch, modules, dtype=arguments.torch_dtype, autocast_to=arguments.autocast
+        )
         stop = start + batch["input_ids"].shape[0]
         for name, record in records.items():
             scores, tokens = _module_scores(record, queries, name, arguments.per_token)
             total[:, start:stop] += scores.to(total.device)
             if per_module is not None:
-                per_module[name][:, start:stop] = scores
+                per_module[name][:, start:stop] = scores.to(total.device)
             if tokens is not None:
                 per_token = _widened(per_token, tokens.shape[-1])
                 per_token[:, start:stop, : tokens.shape[-1]] += tokens.to(per_token.device)
         start = stop
-    return Scores(total, per_module, per_token)
+    return Scores(total, per_module, per_token), start
+
+
+def as_cpu_scores(scores: Scores) -> Scores:
+    """``scores`` with every tensor on the CPU (what is gathered and saved)."""
+    modules = None if scores.per_module is None else to_cpu(scores.per_module)
+    per_token = None if scores.per_token is None else scores.per_token.cpu()
+    return Scores(scores.total.cpu(), modules, per_token)
 
 
 def _widened(tensor: torch.Tensor, width: int) -> torch.Tensor:
@@ -265,29 +323,40 @@ def stored_pairwise_scores(
     JSON strings in its metadata. ``fingerprint``: the model's, when the caller has it.
     """
     arguments = arguments or ScoreArguments()
-    store = ScoreStore.open_for(folder, model, queries, train, factors, arguments, fingerprint)
-    done = store.load("pairwise")
+    shard = current_shard()
+    store = on_main(
+        lambda: ScoreStore.open_for(folder, model, queries, train, factors, arguments, fingerprint),
+        shard,
+    )
+    done = broadcast(store.load("pairwise") if store else None, shard)
     if done is not None:
         return _from_tensors(done)
     prepared = None
     parts = []
+    counts, resumed = [0] * shard.world_size, 0
     for part, (start, stop) in enumerate(partition_bounds(len(train), arguments.partitions)):
-        tensors = store.load(f"pairwise.part-{part}")
+        tensors = broadcast(store.load(f"pairwise.part-{part}") if store else None, shard)
         if tensors is None:
             if prepared is None:
                 prepared = precondition_queries(
                     model, task, queries, factors, arguments, progress, train
                 )
-            scores = pairwise_scores(
-                model, task, prepared, train[start:stop], factors, arguments, progress
+            scores, done_here = _shared_columns(
+                model, task, prepared, train, start, stop, factors, arguments, progress
             )
+            counts = [a + b for a, b in zip(counts, done_here, strict=True)]
             tensors = dict(as_mapping(scores))
-            store.save(f"pairwise.part-{part}", tensors)
+            if store:
+                store.save(f"pairwise.part-{part}", tensors)
+        else:
+            resumed += stop - start
         parts.append(_from_tensors(tensors))
     scores = _join(parts)
     metadata = {key: json.dumps(list(value)) for key, value in (ids or {}).items()}
-    store.save("pairwise", dict(as_mapping(scores)), metadata)
-    store.drop_parts("pairwise")
+    metadata.update(work_record(counts, resumed))
+    if store:
+        store.save("pairwise", dict(as_mapping(scores)), metadata)
+        store.drop_parts("pairwise")
     return scores
 
 
@@ -323,15 +392,23 @@ def self_scores(
         raise InputError(
             "cg_iterations applies to pairwise scores; self-influence uses the factors' inverse"
         )
+    shard = current_shard()
+    low, high = shard.bounds(0, len(train))
+    local = _self_scores(model, task, train[low:high], factors, arguments, progress)
+    return torch.cat(gather(local.cpu(), shard)) if shard.parallel else local
+
+
+def _self_scores(model, task, train, factors, arguments, progress) -> torch.Tensor:
+    """Self-influence of every example of ``train``, in this process alone."""
     modules = _factor_modules(model, factors)
-    result = []
+    result = [torch.zeros(0, dtype=arguments.torch_dtype)]
     for _, _, batch in batches(model, task, train, arguments.batch_size, "self", progress):
         grads = _gradients(model, task, batch, modules, arguments, measurement=False)
         total = None
         for name, grad in grads.items():
             term = factors.quadratic_form(name, grad, arguments.damping)
             total = term if total is None else total + term
-        result.append(total)
+        result.append(total.cpu())
     return torch.cat(result)
 
 
@@ -411,7 +488,13 @@ def _low_rank(dense: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 
 def _gradients(model, task, batch, modules, arguments, measurement):
     records = module_io(
-        model, task, batch, modules, measurement=measurement, dtype=arguments.torch_dtype
+        model,
+        task,
+        batch,
+        modules,
+        measurement=measurement,
+        dtype=arguments.torch_dtype,
+        autocast_to=arguments.autocast,
     )
     return {name: example_gradients(record) for name, record in records.items()}
 

@@ -106,3 +106,28 @@ def _marked_tensors(model: nn.Module) -> Iterator[tuple[torch.Tensor, torch.dtyp
         if name in dtypes and id(tensor) not in seen:
             seen.add(id(tensor))
             yield tensor, dtypes[name]
+
+
+AUTOCAST = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FLOAT16_LOSS_SCALE = 2.0**12  # float16 gradients of small losses underflow without it
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, name: str = "none") -> Iterator[float]:
+    """Forward passes in ``name`` (``bfloat16``/``float16``; ``none``: as the model is) on
+    ``device`` for the block; yields the loss scale the backward must use (and undo):
+    2¹² for float16, whose small gradients would underflow, 1 otherwise. The hooks cast
+    every a and g back to the accumulation dtype (float32 or float64), so factors and
+    scores are summed in full precision whatever the forward ran in.
+
+    >>> with autocast(torch.device("cpu"), "bfloat16") as scale:
+    ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype, scale
+    (torch.bfloat16, 1.0)
+    """
+    if name not in AUTOCAST:
+        raise ValueError(f"autocast must be one of {', '.join(AUTOCAST)}, got {name!r}")
+    if AUTOCAST[name] is None:
+        yield 1.0
+        return
+    with torch.autocast(device_type=device.type, dtype=AUTOCAST[name]):
+        yield FLOAT16_LOSS_SCALE if name == "float16" else 1.0

@@ -2,7 +2,7 @@
 
 A store folder holds::
 
-    .excise.json               {"kind": "factors" | "scores", ...}
+    .excise.json               {"kind": "factors" | "scores" | "index", ...}
     arguments.json             what made it: arguments, the model's fingerprint, the
                                excise version and (scores) hashes of the data
     <name>.safetensors         one file per finished stage or result
@@ -17,6 +17,10 @@ Factor folders (:class:`FactorStore`) keep ``covariance``, ``eigendecomposition`
 ``lambda`` (or ``diagonal``), with keys ``"<module>/<quantity>"``
 (:meth:`attribution.curvature.Factors.load` reads them back). Score folders
 (:class:`ScoreStore`) keep ``pairwise`` (and ``self``) with their ids in the metadata.
+Index folders (:class:`IndexStore`) keep ``basis`` (what compresses a gradient) and one
+``vectors.part-<start>-<stop>`` file per finished range of training examples, named by
+the range so that parts built by different processes fit together
+(:mod:`attribution.index`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,7 +48,7 @@ from attribution.artifacts import (
     write_json,
 )
 from attribution.errors import FactorMismatchError, InputError
-from attribution.fingerprint import model_fingerprint
+from attribution.fingerprint import fingerprint_of, model_fingerprint, tensor_hash
 from attribution.modules import layout_shape
 
 RESULT_INDEPENDENT = ("batch_size",)  # results are the same for any batch size (tested)
@@ -141,8 +146,14 @@ class FactorStore(TensorStore):
             nested.setdefault(module, {})[quantity] = tensor
         return nested
 
-    def save_nested(self, name: str, values: dict[str, dict[str, torch.Tensor]]) -> None:
-        self.save(name, {f"{m}/{q}": t for m, qs in values.items() for q, t in qs.items()})
+    def save_nested(
+        self,
+        name: str,
+        values: dict[str, dict[str, torch.Tensor]],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        flat = {f"{m}/{q}": t for m, qs in values.items() for q, t in qs.items()}
+        self.save(name, flat, metadata)
 
     @classmethod
     def existing(cls, folder: str | Path, model: nn.Module | None = None) -> FactorStore:
@@ -196,6 +207,87 @@ class ScoreStore(TensorStore):
         return cls.open(folder, description)
 
 
+class IndexStore(TensorStore):
+    """A gradient index (:mod:`attribution.index`) of one model, one factor fit, one set of
+    index arguments and one training set."""
+
+    kind = "index"
+    PART = re.compile(r"^vectors\.part-(\d+)-(\d+)\.safetensors$")
+
+    @classmethod
+    def open_for(
+        cls,
+        folder: str | Path,
+        arguments: Any,
+        model: nn.Module,
+        factors: Any,
+        train: Sequence[Any],
+        dimensions: dict[str, int],
+        fingerprint: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> IndexStore:
+        """Open ``folder`` for this index (refused when begun with other arguments, another
+        model, other factors or other training data); ``extra``: more JSON-able facts the
+        index must match (e.g. the command line's ``max_length``)."""
+        named = dict(model.named_modules())
+        description = {
+            "arguments": arguments.to_dict(),
+            "factor_arguments": factors.arguments.to_dict(),
+            "factors_sha256": factors_sha256(factors),
+            "modules": factors.modules,
+            "module_shapes": {n: list(layout_shape(named[n])) for n in factors.modules},
+            "dimensions": dimensions,
+            "model_fingerprint": fingerprint or model_fingerprint(model),
+            "train_sha256": examples_sha256(train),
+            "n_train": len(train),
+            **(extra or {}),
+            "excise_version": package_version(),
+        }
+        return cls.open(folder, description)
+
+    @classmethod
+    def existing(cls, folder: str | Path, model: nn.Module | None = None) -> IndexStore:
+        """An existing index folder; with ``model``, refused when built for another model."""
+        folder = Path(folder)
+        if not folder.exists():
+            raise InputError(f"{folder}: no such index folder; build one with excise index")
+        if artifact_kind(folder) != cls.kind:
+            raise InputError(f"{folder}: not an excise index folder (see excise index)")
+        store = cls(folder)
+        if model is not None and store.description.get("model_fingerprint") != model_fingerprint(
+            model
+        ):
+            raise FactorMismatchError(
+                f"{folder}: the index was built for another model (fingerprints differ); "
+                "build an index for this model"
+            )
+        return store
+
+    @property
+    def description(self) -> dict[str, Any]:
+        return read_description(self.folder)
+
+    def part_path(self, start: int, stop: int) -> Path:
+        """Where the vectors of training examples [start, stop) are saved."""
+        return self.folder / f"vectors.part-{start}-{stop}.safetensors"
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """The [start, stop) ranges of the finished parts, sorted."""
+        found = (self.PART.match(p.name) for p in self.folder.iterdir())
+        return sorted((int(m[1]), int(m[2])) for m in found if m)
+
+
+def factors_sha256(factors: Any) -> str:
+    """SHA-256 of every tensor of a :class:`~attribution.curvature.Factors` (the exact
+    curvature an index was built with)."""
+    hashes = {
+        f"{module}/{key}": tensor_hash(tensor)
+        for module, quantities in factors.tensors.items()
+        for key, tensor in quantities.items()
+    }
+    return fingerprint_of(hashes)
+
+
 def examples_sha256(examples: Sequence[Any]) -> str:
     """SHA-256 of examples as canonical JSON lines (what a score store was computed on)."""
     digest = hashlib.sha256()
@@ -217,6 +309,9 @@ DESCRIBED = {  # the words for a description's keys in a refusal
     "queries_sha256": "queries",
     "module_shapes": "module shapes",
     "factor_arguments": "factor arguments",
+    "factors_sha256": "factors",
+    "n_train": "training data",
+    "dimensions": "dimensions",
 }
 
 

@@ -73,6 +73,9 @@ class Setting:
 # --- the shared model and data ---------------------------------------------------------
 
 
+DEVICE = os.environ.get("EXCISE_BENCH_DEVICE", "cpu")  # cuda: benchmarks/gpu_check.sh
+
+
 def build_model(setting: Setting) -> nn.Module:
     """A randomly initialised GPT-2 (seed 0), float32, eval mode, on the CPU."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -120,6 +123,7 @@ def conv1d_to_linear(model: nn.Module, sample: torch.Tensor) -> nn.Module:
         if isinstance(module, Conv1D):
             parent, _, child = name.rpartition(".")
             setattr(converted.get_submodule(parent), child, _as_linear(module))
+    sample = sample.to(next(model.parameters()).device)
     with torch.no_grad():
         expected = model(input_ids=sample).logits
         got = converted(input_ids=sample).logits
@@ -217,7 +221,7 @@ def kronfluence_analyzer(model: nn.Module, sample: torch.Tensor, modules: list[s
         "bench",
         prepared,
         task,
-        cpu=True,
+        cpu=DEVICE == "cpu",
         output_dir=str(folder),
         disable_tqdm=True,
         log_level=logging.WARNING,

@@ -53,6 +53,7 @@ from torch import nn
 from benchmarks.common import (
     BATCH_SIZE,
     CACHE,
+    DEVICE,
     THREADS,
     TOOLS,
     Setting,
@@ -151,6 +152,7 @@ def run_tool(tool: str, setting: Setting, fisher: str, out: Path, threads: int) 
     torch.set_num_threads(threads)
     quiet_kronfluence()
     model, ids, modules = build_model(setting), make_sequences(setting), tracked_modules(setting)
+    model = model.to(DEVICE)  # the CPU unless EXCISE_BENCH_DEVICE says otherwise
     baseline_mb = current_rss_mb()
     fit = FITTERS[tool]
     fit(model, ids[:WARMUP_SEQUENCES], modules, fisher, fresh(out / "warmup"))
@@ -158,7 +160,7 @@ def run_tool(tool: str, setting: Setting, fisher: str, out: Path, threads: int) 
     seconds, factors = fit(model, ids, modules, fisher, fresh(out / "fit"))
     cpu = cpu_use(before, cpu_snapshot())
     flat = {
-        f"{module}/{key}": value.contiguous()
+        f"{module}/{key}": value.cpu().contiguous()
         for module, tensors in factors.items()
         for key, value in tensors.items()
         if key in FACTOR_KEYS
@@ -169,6 +171,8 @@ def run_tool(tool: str, setting: Setting, fisher: str, out: Path, threads: int) 
         "version": metadata.version("kronfluence" if tool == "kronfluence" else "excise"),
         "seconds": seconds,
         "peak_rss_mb": peak_rss_mb(),
+        "device": DEVICE,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if DEVICE != "cpu" else None,
         "baseline_rss_mb": baseline_mb,
         "cpu": cpu,
         "load_average": os.getloadavg(),

@@ -42,17 +42,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(quiet=args.quiet)
     from attribution.errors import InputError  # imports torch: not before --version
+    from excise.distributed import joined
 
+    speaks = True  # under torchrun only rank 0 prints (excise.distributed)
     try:
-        return args.handler(args)
+        with joined(args.command, getattr(args, "device", None)) as speaks:
+            args.quiet = args.quiet or not speaks
+            return args.handler(args)
     except InputError as err:  # every layer's user-input errors
-        print(f"excise {args.command}: error: {err}", file=sys.stderr)
+        if speaks:
+            print(f"excise {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as err:  # the user's disk or permissions refusing a write: one line
         message = storage_error(err)
         if message is None:
             raise
-        print(f"excise {args.command}: error: {message}", file=sys.stderr)
+        if speaks:
+            print(f"excise {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"excise {args.command}: interrupted", file=sys.stderr)
@@ -117,9 +123,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     world.add_argument(
         "--size",
-        choices=("tiny", "default"),
+        choices=("tiny", "default", "large"),
         default="default",
-        help="tiny: for tests, seconds; default: for the demo, a few minutes",
+        help="tiny: for tests, seconds; default: for the demo, a few minutes; large: a model "
+        "of GPT-2 small's shape, for a GPU",
+    )
+    world.add_argument(
+        "--device", default="cpu", help="where the models are trained: cpu, cuda, cuda:1 ..."
     )
     world.add_argument("--out", help="folder to build into (default: the cache, $EXCISE_HOME)")
     world.set_defaults(handler=_run_world)
@@ -152,6 +162,15 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     _add_ledger_parser(commands, common)
 
+    idx = commands.add_parser(
+        "index",
+        parents=[common],
+        help="a compressed gradient index of a training set, for fast repeated queries",
+    )
+    if full("index"):
+        _add_index_arguments(idx)
+    idx.set_defaults(handler=_run_index)
+
     fgt = commands.add_parser(
         "forget",
         parents=[common],
@@ -172,8 +191,11 @@ def _run_world(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"excise world: {message}", file=sys.stderr)
 
+    from excise.models import choose_device
+
+    device = str(choose_device(args.device))
     folder, built = build_world(
-        settings, out=args.out, progress=False if args.quiet else None, note=note
+        settings, out=args.out, progress=False if args.quiet else None, note=note, device=device
     )
     if not args.quiet:
         verb = "built" if built else "reused"
@@ -197,6 +219,18 @@ def _add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
         "output head when it has at most 8192 outputs)",
     )
     parser.add_argument("--factors", help="reuse factors fitted before (a factors folder)")
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        help="save factors and scores in N parts of the training set as each is finished, so "
+        "that a killed run resumes from them (default: one part per 1024 examples)",
+    )
+    parser.add_argument(
+        "--index",
+        metavar="DIR",
+        help="score with a gradient index built by excise index for this model and --train "
+        "(one matrix product instead of a pass over the training data)",
+    )
     parser.add_argument(
         "--ensemble",
         nargs="+",
@@ -267,6 +301,46 @@ def _run_attribute(args: argparse.Namespace) -> int:
             print(f"  {row['query_id']}: {best['id']} ({best['score']:.4g})", file=sys.stderr)
         if result.get("damping_choice"):
             print(f"  damping search: {result['damping_choice']}", file=sys.stderr)
+    print(result["out"])
+    return EXIT_OK
+
+
+def _add_index_arguments(parser: argparse.ArgumentParser) -> None:
+    from excise.commands.attribute import add_curvature_options
+    from excise.commands.index import add_index_options
+
+    parser.add_argument("--model", required=True, help="local Hugging Face causal-LM folder")
+    parser.add_argument("--train", required=True, help="training examples (JSONL/CSV/Parquet/...)")
+    parser.add_argument(
+        "--out", required=True, help="output folder (created; a rerun resumes the build)"
+    )
+    parser.add_argument("--factors", help="reuse factors fitted before (a factors folder)")
+    add_index_options(parser)
+    add_curvature_options(parser)
+    parser.add_argument(
+        "--modules",
+        nargs="+",
+        help="module names, or one regex (default: as excise attribute's)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="sequences per pass (default 16)"
+    )
+    parser.add_argument("--max-length", type=int, help="truncate sequences to this many tokens")
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ..."
+    )
+
+
+def _run_index(args: argparse.Namespace) -> int:
+    from excise.commands import index
+
+    result = index.run(args)
+    if not args.quiet:
+        print(
+            f"excise index: {result['examples']} examples, {result['modules']} modules, "
+            f"{result['floats']} stored floats per example, {result['seconds']:.1f} s",
+            file=sys.stderr,
+        )
     print(result["out"])
     return EXIT_OK
 
@@ -444,9 +518,10 @@ def _add_forget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--holdout", help="never trained on (audit: membership inference)")
     parser.add_argument(
         "--size",
-        choices=("tiny", "default"),
+        choices=("tiny", "default", "large"),
         default="default",
-        help="the embedded world used when no data are named (default: default)",
+        help="the embedded world used when no data are named (default: default; large: "
+        "build it first with excise world --size large --device cuda)",
     )
     parser.add_argument(
         "--out", help="output folder, must not exist (default: $EXCISE_HOME/runs/forget-TIME)"

@@ -17,13 +17,15 @@ forget record 'a': 91 tokens, more than the model's context of 64; shorten it
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from attribution.data import model_context
 from excise.errors import BadInputError
 
 __all__ = ["check_fits_context", "model_context", "record_texts"]
+
+CHUNK = 1024  # records tokenized at a time
 
 
 def record_texts(record: Mapping[str, Any]) -> list[str]:
@@ -53,17 +55,30 @@ def check_fits_context(
     if context is None:
         return
     for split, records in splits.items():
-        texts, owners = [], []
-        for record in records:
-            variants = record_texts(record)
-            texts += variants
-            owners += [record] * len(variants)
-        if not texts:
-            continue
-        lengths = [len(ids) + 1 for ids in tokenizer(texts)["input_ids"]]  # + end of sequence
-        for length, record in zip(lengths, owners, strict=True):
-            if length > context:
-                raise BadInputError(
-                    f"{split} record {record.get('id')!r}: {length} tokens, more than the "
-                    f"model's context of {context}; {hint}"
-                )
+        for chunk in _chunks(records, CHUNK):  # a lazy training set is never held whole
+            texts, owners = [], []
+            for record in chunk:
+                variants = record_texts(record)
+                texts += variants
+                owners += [record] * len(variants)
+            if not texts:
+                continue
+            lengths = [len(ids) + 1 for ids in tokenizer(texts)["input_ids"]]  # + end token
+            for length, record in zip(lengths, owners, strict=True):
+                if length > context:
+                    raise BadInputError(
+                        f"{split} record {record.get('id')!r}: {length} tokens, more than the "
+                        f"model's context of {context}; {hint}"
+                    )
+
+
+def _chunks(records: Iterable[Mapping[str, Any]], size: int) -> Iterator[list]:
+    """``records`` in lists of at most ``size``, read as they are iterated."""
+    chunk: list = []
+    for record in records:
+        chunk.append(record)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

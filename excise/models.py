@@ -220,6 +220,9 @@ def choose_device(name: str) -> torch.device:
     """``auto`` (CUDA when available, else the CPU) or a named torch device that exists."""
     import torch
 
+    from excise.distributed import local_device
+
+    name = local_device(name)  # under torchrun with CUDA: this rank's GPU
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -26,7 +26,12 @@ from typing import Any
 
 SCALARS = (int, float, str)
 DAMPING_OPTIONS = {"value": "--damping", "factor": "--damping-factor"}  # Damping's fields
-FACTOR_FIELDS = ("strategy", "fisher")  # FactorArguments' fields given on the command line
+FACTOR_FIELDS = (
+    "strategy",
+    "fisher",
+    "dtype",
+    "autocast",
+)  # FactorArguments' fields on the command line
 
 
 def add_options(

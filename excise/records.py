@@ -21,10 +21,11 @@ line naming the file, the row and the field.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +34,30 @@ from excise.errors import BadInputError
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 STRING_FIELDS = ("prompt", "completion", "text", "paraphrased_completion", "paraphrased_prompt")
 LIST_FIELDS = ("perturbed_completions",)
+BATCH = 1024  # rows of a Parquet file or a datasets folder read at a time
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Read and validate every record of ``path`` (a file or a ``save_to_disk`` folder)."""
+    return list(checked_records(path))
+
+
+def checked_records(
+    path: str | Path, on_batch: Callable[[Any], None] | None = None
+) -> Iterator[dict[str, Any]]:
+    """The records of ``path`` one at a time, validated as :func:`read_records` validates them.
+
+    The file is read as a stream: memory does not grow with the number of records (but
+    for the ids seen so far, and for a ``.json`` array, which is parsed whole). Problems
+    are raised in the order a whole-file read finds them (an unreadable file, then a row
+    that is not valid JSON or CSV, then the first bad record, then no records, then a
+    repeated id), so a caller must not act on the records before the iterator is done.
+    ``on_batch`` is given each ``pyarrow.RecordBatch`` of a Parquet file as it is read.
+    """
     path = Path(path)
     if not path.exists():
         raise BadInputError(f"{path}: no such file or folder")
-    rows = _read_folder(path) if path.is_dir() else _read_file(path)
-    records = [normalize_record(row, i, path) for i, row in enumerate(rows)]
-    if not records:
-        raise BadInputError(f"{path}: no records (the file is empty)")
-    _check_unique_ids(records, path)
-    return records
+    return _checked(_read_folder(path) if path.is_dir() else _read_file(path, on_batch), path)
 
 
 def normalize_record(row: Any, index: int, source: str | Path) -> dict[str, Any]:
@@ -112,15 +124,35 @@ def _is_blank(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _check_unique_ids(records: Iterable[dict[str, Any]], path: Path) -> None:
+def _checked(rows: Iterable[Any], path: Path) -> Iterator[dict[str, Any]]:
+    """Normalized records of ``rows``; the first bad record is raised once the reader is
+    done (a later unreadable row is reported first), then no records, then a repeated id."""
     seen: set[str] = set()
-    for record in records:
-        if record["id"] in seen:
-            raise BadInputError(f"{path}: id {record['id']!r} appears more than once")
+    bad: BadInputError | None = None
+    repeated: BadInputError | None = None
+    count = 0
+    for index, row in enumerate(rows):
+        count += 1
+        if bad is not None:
+            continue  # still read on: an unreadable row further down comes first
+        try:
+            record = normalize_record(row, index, path)
+        except BadInputError as err:
+            bad = err
+            continue
+        if record["id"] in seen and repeated is None:
+            repeated = BadInputError(f"{path}: id {record['id']!r} appears more than once")
         seen.add(record["id"])
+        yield record
+    if bad is not None:
+        raise bad
+    if not count:
+        raise BadInputError(f"{path}: no records (the file is empty)")
+    if repeated is not None:
+        raise repeated
 
 
-def _read_file(path: Path) -> list[Any]:
+def _read_file(path: Path, on_batch: Callable[[Any], None] | None = None) -> Iterator[Any]:
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         known = ", ".join(SUFFIXES)
@@ -128,7 +160,7 @@ def _read_file(path: Path) -> list[Any]:
     if path.stat().st_size == 0:
         raise BadInputError(f"{path}: no records (the file is empty)")
     reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}.get(suffix)
-    return reader(path) if reader else _read_parquet(path)
+    return reader(path) if reader else _read_parquet(path, on_batch)
 
 
 def _read_text(path: Path) -> str:
@@ -138,54 +170,93 @@ def _read_text(path: Path) -> str:
         raise BadInputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
-def _read_jsonl(path: Path) -> list[Any]:
-    rows = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
+def _lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file (with or without a byte-order mark) as
+    ``str.splitlines`` of the whole text gives them, read one line at a time."""
+    offset = 0  # bytes before the line, after the byte-order mark (where a decoder counts)
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle):
+            if number == 0 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                where = f"{err.reason} at byte {offset + err.start}"
+                raise BadInputError(f"{path}: not UTF-8 text ({where})") from None
+            offset += len(raw)
+            # the line with its own end: "\u2028", "\r" ... also end lines for splitlines
+            yield from (line if line.endswith("\n") else line + "\n").splitlines()
+
+
+def _read_jsonl(path: Path) -> Iterator[Any]:
+    syntax: BadInputError | None = None
+    for number, line in enumerate(_lines(path), start=1):
+        if syntax is not None or not line.strip():
+            continue  # after a syntax error, read on only for text that is not UTF-8
         try:
-            rows.append(json.loads(line))
+            yield json.loads(line)
         except json.JSONDecodeError as err:
-            raise BadInputError(f"{path} line {number}: not valid JSON ({err.msg})") from None
-    return rows
+            syntax = BadInputError(f"{path} line {number}: not valid JSON ({err.msg})")
+    if syntax is not None:
+        raise syntax
 
 
-def _read_json(path: Path) -> list[Any]:
-    text = _read_text(path)
+def _read_json(path: Path) -> Iterator[Any]:
     try:
-        data = json.loads(text)
+        data = json.loads(_read_text(path))  # a JSON array is parsed whole
     except json.JSONDecodeError:
         return _read_jsonl(path)  # a .json file holding JSON lines
     if not isinstance(data, list):
         raise BadInputError(f"{path}: expected a JSON array of records or JSON lines")
-    return data
+    return iter(data)
 
 
-def _read_csv(path: Path) -> list[Any]:
+def _read_csv(path: Path) -> Iterator[Any]:
+    extra: BadInputError | None = None
     with path.open(newline="", encoding="utf-8-sig") as handle:  # spreadsheets write a BOM
-        try:
-            rows = list(csv.DictReader(handle))
-        except (csv.Error, UnicodeDecodeError) as err:
-            raise BadInputError(f"{path}: not a readable CSV file ({err})") from None
-    for number, row in enumerate(rows):
-        if None in row:  # more cells than header names
-            raise BadInputError(f"{path}: row {number} has more cells than the header")
-        for key, value in row.items():
-            if value == "":
-                row[key] = None  # an empty cell is an absent field
-    return rows
+        rows = csv.DictReader(handle)
+        number = 0
+        while True:
+            try:
+                row = next(rows, None)
+            except (csv.Error, UnicodeDecodeError) as err:
+                raise BadInputError(f"{path}: not a readable CSV file ({err})") from None
+            if row is None:
+                break
+            if None in row and extra is None:  # more cells than header names
+                extra = BadInputError(f"{path}: row {number} has more cells than the header")
+            number += 1
+            if extra is None:
+                yield {key: None if value == "" else value for key, value in row.items()}
+    if extra is not None:  # an empty cell is an absent field (None)
+        raise extra
 
 
-def _read_parquet(path: Path) -> list[Any]:
+def _read_parquet(path: Path, on_batch: Callable[[Any], None] | None = None) -> Iterator[Any]:
+    for batch in _parquet_batches(path):
+        if on_batch is not None:
+            on_batch(batch)
+        yield from batch.to_pylist()
+
+
+def _parquet_batches(path: Path) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path).to_pylist()
+        yield from pq.ParquetFile(str(path)).iter_batches(batch_size=BATCH)
     except Exception as err:  # pyarrow raises several unrelated types for bad files
         raise BadInputError(f"{path}: not a readable Parquet file ({err})") from None
 
 
-def _read_folder(path: Path) -> list[Any]:
+def _read_folder(path: Path) -> Iterator[Any]:
+    dataset = load_folder(path)
+    rows = dataset.with_format("arrow")
+    for start in range(0, len(dataset), BATCH):
+        yield from rows[start : start + BATCH].to_pylist()
+
+
+def load_folder(path: Path) -> Any:
+    """The ``datasets.Dataset`` a ``save_to_disk`` folder holds (memory-mapped, not read)."""
     if not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
         raise BadInputError(
             f"{path}: a folder must be written by datasets' save_to_disk "
@@ -201,4 +272,4 @@ def _read_folder(path: Path) -> list[Any]:
         raise BadInputError(
             f"{path}: holds several splits ({', '.join(dataset)}); pass one split's folder"
         )
-    return dataset.to_list()
+    return dataset

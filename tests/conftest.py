@@ -34,3 +34,16 @@ def world_tokenizer(tiny_world):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_world / "base", local_files_only=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped where there is none (the CPU suite)."""
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (benchmarks/gpu_check.sh runs these)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

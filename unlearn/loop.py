@@ -24,9 +24,11 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from attribution.errors import NonFiniteError
+from attribution.distributed import broadcast, current_shard, gather_counts
+from attribution.errors import InputError, NonFiniteError
 from attribution.progress import evaluating, progress_bar
 from attribution.task import Task, on_device
 from unlearn.arguments import UnlearnArguments
@@ -69,7 +71,10 @@ def optimize(
     forget_batches = _endless_batches(forget_examples, arguments.batch_size, generator)
     retain_batches = _endless_batches(retain, arguments.batch_size, generator)
     monitor = Monitor(model, task, forget, retain, arguments.batch_size, criterion)
-    result = UnlearnResult(history=[monitor.measure(0)])
+    shard = current_shard()  # under torchrun: each rank takes a share of every batch
+    _check_shareable(arguments.batch_size, shard)
+    result = UnlearnResult(history=[broadcast(monitor.measure(0), shard)])
+    processed = 0
     saved = optimizer.snapshot()
     best = (result.start.criterion, 0, saved) if criterion is not None else None
     device = next(model.parameters()).device
@@ -77,29 +82,32 @@ def optimize(
     with _only_grad_for(params, names), evaluating(model, *frozen_models):
         bar = progress_bar(range(arguments.steps), f"unlearn ({arguments.method})", progress)
         for step_index in bar:
-            forget_records = next(forget_batches)
+            forget_records, weight = _share(next(forget_batches), shard)
+            retain_records, _ = _share(next(retain_batches), shard)
+            processed += len(forget_records) + len(retain_records)
             step = Step(
                 model,
                 task,
                 on_device(task.collate(forget_records), device),
-                on_device(task.collate(next(retain_batches)), device),
+                on_device(task.collate(retain_records), device),
                 arguments,
                 frozen,
                 state,
                 forget_records,
             )
             loss = method.loss(step)
+            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+            loss, grads = _joined(loss, grads, [params[n] for n in names], weight, shard)
             if not torch.isfinite(loss):
                 raise NonFiniteError(
                     f"the {arguments.method} loss became {loss.item()} at step "
                     f"{step_index + 1}; lower --lr or raise --beta"
                 )
-            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
             optimizer.step(dict(zip(names, grads, strict=True)), arguments.max_grad_norm)
             result.steps_run = step_index + 1
             if (step_index + 1) % arguments.eval_every and step_index + 1 < arguments.steps:
                 continue
-            point = monitor.measure(step_index + 1)
+            point = broadcast(monitor.measure(step_index + 1), shard)  # one decision for all
             bar.set_postfix(forget=f"{point.forget_loss:.3f}", retain=f"{point.retain_loss:.3f}")
             budget = arguments.retain_budget
             if budget is not None and point.retain_loss > result.start.retain_loss + budget:
@@ -117,10 +125,46 @@ def optimize(
                 break
     if best is not None:
         _restore_best(optimizer, best, result, criterion)
-        result.history.append(monitor.measure(best[1]))
+        result.history.append(broadcast(monitor.measure(best[1]), shard))
     elif result.stopped == "retain budget":
-        result.history.append(monitor.measure(result.history[-1].step))
+        result.history.append(broadcast(monitor.measure(result.history[-1].step), shard))
+    counts = gather_counts(processed, shard)
+    result.details["data_parallel"] = {"world_size": len(counts), "examples_per_rank": counts}
     return result
+
+
+def _check_shareable(batch_size: int, shard) -> None:
+    if batch_size < shard.world_size:
+        raise InputError(
+            f"batch size {batch_size} is smaller than the {shard.world_size} processes "
+            "sharing each batch; raise --batch-size or start fewer processes"
+        )
+
+
+def _share(records: list, shard) -> tuple[list, float]:
+    """This rank's contiguous share of a batch, and its weight (share / batch size)."""
+    low, high = shard.bounds(0, len(records))
+    return records[low:high], (high - low) / len(records)
+
+
+def _joined(loss, grads, params, weight: float, shard):
+    """The whole batch's loss and gradients from each rank's share (the data-parallel
+    all-reduce): Σ_r weight_r · (loss_r, ∇loss_r), weight_r = share_r / batch size.
+
+    Every objective is a mean over the batch's examples, so this is the one-process loss and
+    gradient whenever the forget and retain batches are shared in the same proportions
+    (equal batch sizes: every step but an epoch's short last batch); an objective averaged
+    over tokens (RMU) is then weighted by examples instead. One process: unchanged.
+    """
+    if not shard.parallel:
+        return loss, grads
+    joined = [
+        torch.zeros_like(p) if g is None else g * weight for g, p in zip(grads, params, strict=True)
+    ]
+    value = loss.detach() * weight
+    for tensor in [value, *joined]:
+        dist.all_reduce(tensor)
+    return value, joined
 
 
 def _restore_best(optimizer, best, result: UnlearnResult, criterion: Criterion) -> None:

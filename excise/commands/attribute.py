@@ -12,22 +12,28 @@ every query and writes::
     OUT/damping.json                  with --choose-damping: every candidate's agreement
     OUT/topk.jsonl                    per query: its strongest proponents and opponents
     OUT/summary.md                    the same, for people
+
+With ``--index DIR`` (an ``excise index`` output) the scores come from the stored
+gradient index instead of a factor fit and a pass over the training data
+(:mod:`excise.commands.index`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from attribution import FactorArguments, LanguageModelingTask, fit_factors, select_modules
+from attribution import FactorArguments, LanguageModelingTask, fit_factors
 from attribution.artifacts import atomic_directory, check_output_folder, write_bytes
 from attribution.curvature import DAMPING_FACTOR, Damping, Factors
 from attribution.damping_search import SearchArguments, choose_damping
+from attribution.distributed import current_shard, on_main
 from attribution.influence import (
     ScoreArguments,
     check_queries_have_targets,
@@ -35,17 +41,19 @@ from attribution.influence import (
     stored_pairwise_scores,
     top_k,
 )
-from attribution.modules import default_attribution_modules
 from attribution.store import ScoreStore
+from excise.commands import index as index_command
 from excise.commands.ensemble import check_members, ensemble_scores
-from excise.context import check_fits_context, model_context
+from excise.commands.inputs import check_length, factor_arguments_of
 from excise.errors import BadInputError
 from excise.models import choose_device, load_model
 from excise.options import DAMPING_OPTIONS, FACTOR_FIELDS, add_options, from_options
 from excise.outputs import check_apart
 from excise.records import read_records
+from excise.streaming import open_records
 
 KIND = "attribution"
+PART_SIZE = 1024  # training examples per saved part by default (a killed run resumes there)
 TEXT_PREVIEW = 160
 
 
@@ -59,11 +67,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         query_rank=args.query_rank,
         cg_iterations=args.cg_iterations,
         cg_curvature=args.cg_curvature,
+        dtype=getattr(args, "factors.dtype"),
+        autocast=getattr(args, "factors.autocast"),
     )
+    if args.index:
+        index_command.check_index_options(args)
     if args.self_influence and score_arguments.cg_iterations:
         raise BadInputError("--self with --cg-iterations: self-influence uses the factors alone")
     search = _search_arguments(args, score_arguments)
-    train, queries = read_records(args.train), read_records(args.query)
+    train, queries = open_records(args.train), read_records(args.query)  # train: lazy if large
     members = args.ensemble or []
     check_apart(args.out, [args.model, args.train, args.query, *members])  # as every command
     members = check_members(args.model, members)
@@ -71,15 +83,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = check_output_folder(args.out, KIND)
     check_length(args.max_length, {"train": train, "query": queries}, tokenizer, model)
     model.to(choose_device(args.device))
-    factor_arguments = _factor_arguments(args, model)
+    factor_arguments = factor_arguments_of(args, model)
     task = LanguageModelingTask(tokenizer, max_length=args.max_length)
     check_queries_have_targets(task, queries, [q["id"] for q in queries])
     k = _top_k_count(args.top_k, len(train))
+    partitions = _partition_count(args.partitions, len(train))
+    factor_arguments = replace(factor_arguments, partitions=partitions)
+    score_arguments = replace(score_arguments, partitions=partitions)
     factors = Factors.load(args.factors, model) if args.factors else None
+    index = None
+    if args.index:
+        index = index_command.open_index(
+            args.index, model, train, args.max_length, score_arguments.damping
+        )
+        factors = index_command.described_factors(index)
     progress = False if args.quiet else None
-    if not (out / ".excise.json").exists():
-        with atomic_directory(out, KIND):
-            pass
+    shard = current_shard()  # under torchrun: every rank computes its share, rank 0 writes
+    on_main(lambda: _create(out), shard)
     if factors is None:
         factors = fit_factors(model, task, train, factor_arguments, out / "factors", progress)
     choice = None
@@ -88,20 +108,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             model, task, train, queries, factors, search, score_arguments, progress
         )
         score_arguments = replace(score_arguments, damping=choice.damping)
-        write_bytes(out / "damping.json", (json.dumps(choice.to_dict(), indent=2) + "\n").encode())
+        if shard.is_main:
+            text = json.dumps(choice.to_dict(), indent=2) + "\n"
+            write_bytes(out / "damping.json", text.encode())
     ids = {"query_ids": [q["id"] for q in queries], "train_ids": [z["id"] for z in train]}
-    scores = stored_pairwise_scores(
-        model,
-        task,
-        queries,
-        train,
-        factors,
-        out / "scores",
-        score_arguments,
-        ids=ids,
-        progress=progress,
-    )
-    total = scores.total
+    if index is not None:
+        total = index_command.index_pairwise_scores(
+            model, task, queries, train, index, out / "scores", args.batch_size, ids, progress
+        )
+    else:
+        total = stored_pairwise_scores(
+            model,
+            task,
+            queries,
+            train,
+            factors,
+            out / "scores",
+            score_arguments,
+            ids=ids,
+            progress=progress,
+        ).total
     if members:
         device = next(model.parameters()).device
         total = ensemble_scores(
@@ -119,14 +145,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.self_influence:
         values = self_scores(model, task, train, factors, score_arguments, progress)
-        ScoreStore(out / "scores").save(
-            "self", {"scores": values}, {"train_ids": json.dumps(ids["train_ids"])}
-        )
+        if shard.is_main:
+            ScoreStore(out / "scores").save(
+                "self", {"scores": values}, {"train_ids": json.dumps(ids["train_ids"])}
+            )
     rows = topk_rows(total, queries, train, k)
     described = RunDescription(
-        args.model, args.train, score_arguments.damping, choice is not None, 1 + len(members)
+        args.model,
+        args.train,
+        score_arguments.damping,
+        choice is not None,
+        1 + len(members),
+        index_command.index_sentence(index) if index is not None else None,
     )
-    write_topk(out, rows, described, factors)
+    if shard.is_main:
+        write_topk(out, rows, described, factors)
     chosen = choice.describe() if choice else None
     return {
         "out": str(out),
@@ -135,6 +168,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "damping_choice": chosen,
     }
+
+
+def _create(out: Path) -> None:
+    """The output folder, marked as an attribution artifact (kept when it exists)."""
+    if not (out / ".excise.json").exists():
+        with atomic_directory(out, KIND):
+            pass
 
 
 def _search_arguments(args, score_arguments: ScoreArguments) -> SearchArguments | None:
@@ -157,18 +197,6 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     fields_ = ("perturbations", "steps", "learning_rate", "optimizer", "margin")
     names = {f: "--search-" + f.replace("_", "-") for f in fields_}
     add_options(parser, SearchArguments, "search", names=names, skip=("seed", "batch_size"))
-
-
-def check_length(max_length: int | None, splits, tokenizer, model) -> None:
-    """Records must fit the model's context, unless ``--max-length`` (within it) cuts them."""
-    context = model_context(model)
-    if max_length is None:
-        hint = "shorten it, or pass --max-length N to cut every record to N tokens"
-        check_fits_context(splits, tokenizer, context, hint)
-    elif context is not None and max_length > context:
-        raise BadInputError(
-            f"--max-length {max_length}: more than the model's context of {context} tokens"
-        )
 
 
 def topk_rows(scores: torch.Tensor, queries: list[dict], train: list[dict], k: int) -> list[dict]:
@@ -203,6 +231,7 @@ class RunDescription:
     damping: Damping
     damping_chosen: bool = False
     models: int = 1
+    index: str | None = None  # the sentence on the gradient index used, if any
 
 
 def write_topk(out: Path, rows: list[dict], described: RunDescription, factors) -> None:
@@ -232,7 +261,8 @@ def summary_markdown(rows: list[dict], described: RunDescription, factors) -> st
             f"Scores: the mean over {described.models} models (--model and --ensemble; "
             "OUT/scores/ensemble.safetensors)."
         )
-    lines += []
+    if described.index:
+        lines.append(described.index)
     for row in rows:
         lines += ["", f"## Query `{row['query_id']}`", "", f"> {_cell(row['query'])}", ""]
         for title, key in (("Proponents", "proponents"), ("Opponents", "opponents")):
@@ -252,20 +282,6 @@ def _cell(text: str) -> str:
     return text if len(text) <= TEXT_PREVIEW else text[: TEXT_PREVIEW - 1] + "…"
 
 
-def _factor_arguments(args: argparse.Namespace, model) -> FactorArguments:
-    modules = _module_spec(args.modules, model)
-    arguments = from_options(
-        FactorArguments,
-        args,
-        "factors",
-        modules=modules,
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
-    select_modules(model, modules)  # unknown names fail here, before anything is written
-    return arguments
-
-
 def add_curvature_options(parser: argparse.ArgumentParser) -> None:
     """--strategy and --fisher (FactorArguments), --damping and --damping-factor (Damping)."""
     skip = tuple(f.name for f in fields(FactorArguments) if f.name not in FACTOR_FIELDS)
@@ -273,14 +289,15 @@ def add_curvature_options(parser: argparse.ArgumentParser) -> None:
     add_options(parser, Damping, "damping", names=DAMPING_OPTIONS)
 
 
-def _module_spec(values: list[str] | None, model) -> str | tuple[str, ...]:
-    """Several values are module names; one value is a name if the model has it, else a regex;
-    none: the blocks and a small output head (:func:`default_attribution_modules`)."""
-    if not values:
-        return default_attribution_modules(model)
-    if len(values) == 1 and values[0] not in dict(model.named_modules()):
-        return values[0]
-    return tuple(values)
+def _partition_count(requested: int | None, n_train: int) -> int:
+    """--partitions, or one part per ``PART_SIZE`` training examples."""
+    if requested is None:
+        return max(1, math.ceil(n_train / PART_SIZE))
+    if not 1 <= requested <= n_train:
+        raise BadInputError(
+            f"--partitions {requested}: must be between 1 and the {n_train} training examples"
+        )
+    return requested
 
 
 def _top_k_count(requested: int | None, n_train: int) -> int:

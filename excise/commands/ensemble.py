@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from attribution.curvature import FactorArguments, fit_factors
+from attribution.distributed import current_shard
 from attribution.influence import ScoreArguments, stored_pairwise_scores
 from attribution.store import ScoreStore
 from excise.errors import BadInputError
@@ -115,5 +116,6 @@ def ensemble_scores(
     mean = torch.stack(totals).mean(0).to(first.dtype)
     metadata = {key: json.dumps(value) for key, value in ids.items()}
     metadata["members"] = json.dumps(["--model", *map(str, members)])
-    ScoreStore(out / "scores").save("ensemble", {"scores": mean}, metadata)
+    if current_shard().is_main:
+        ScoreStore(out / "scores").save("ensemble", {"scores": mean}, metadata)
     return mean

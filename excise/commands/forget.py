@@ -72,7 +72,7 @@ from excise.errors import BadInputError, warn
 from excise.home import default_ledger_path, excise_home
 from excise.models import check_model_folder, choose_device
 from excise.outputs import check_new_output
-from excise.records import read_records
+from excise.streaming import open_records
 from unlearn import check_sets
 from unlearn.guard import (
     closure_indices,
@@ -252,7 +252,8 @@ def resolve_inputs(args: argparse.Namespace, note: Callable[[str], None]) -> For
     """The default world when nothing is named, else the user's files; records read."""
     named = {k: getattr(args, k) for k in ("model", "forget", "retain")}
     if uses_world(args):
-        inputs = _world_inputs(args.size, note, progress=False if args.quiet else None)
+        device = str(choose_device(args.device))  # the world is trained there if not built
+        inputs = _world_inputs(args.size, note, False if args.quiet else None, device)
     elif all(named.values()):
         inputs = ForgetInputs(
             model=check_model_folder(args.model),
@@ -271,7 +272,7 @@ def resolve_inputs(args: argparse.Namespace, note: Callable[[str], None]) -> For
     check_sets(inputs.records["forget"], inputs.records["retain"])
     train = inputs.files.get("train")
     if train is not None:
-        inputs.records["train"], inputs.hashes["train"] = read_records(train), _sha256(train)
+        inputs.records["train"], inputs.hashes["train"] = open_records(train), _sha256(train)
     else:
         inputs.records["train"] = [r for s in inputs.trained_on for r in inputs.records[s]]
     _check_unique_train_ids(inputs.records["train"])
@@ -281,11 +282,13 @@ def resolve_inputs(args: argparse.Namespace, note: Callable[[str], None]) -> For
 _FILES = ("train", "forget", "retain", "neighbor", "real_authors", "world", "holdout")
 
 
-def _world_inputs(size: str, note: Callable[[str], None], progress: bool | None) -> ForgetInputs:
+def _world_inputs(
+    size: str, note: Callable[[str], None], progress: bool | None, device: str = "cpu"
+) -> ForgetInputs:
     from excise.world import PRESETS, build_world
     from excise.world.build import TRAINED_ON
 
-    folder, built = build_world(PRESETS[size](), progress=progress, note=note)
+    folder, built = build_world(PRESETS[size](), progress=progress, note=note, device=device)
     note(f"{'built' if built else 'using'} the embedded {size} world: {folder}")
     inputs = ForgetInputs(
         model=folder / "base",

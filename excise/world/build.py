@@ -48,7 +48,11 @@ def world_folder(settings: WorldSettings, home: str | Path | None = None) -> Pat
     return Path(home or excise_home()) / "worlds" / settings.key()
 
 
-BUILD_TIME = {"tiny": "about 30 seconds", "default": "about 2 minutes"}  # on 2 CPU cores
+BUILD_TIME = {  # on 2 CPU cores; large: on one GPU
+    "tiny": "about 30 seconds",
+    "default": "about 2 minutes",
+    "large": "hours on a CPU, minutes on a GPU",
+}
 
 
 def build_world(
@@ -56,6 +60,7 @@ def build_world(
     out: str | Path | None = None,
     progress: bool | None = None,
     note: Callable[[str], None] = lambda _: None,
+    device: str = "cpu",
 ) -> tuple[Path, bool]:
     """Build the world of ``settings`` into ``out`` (default: the cache), or reuse it.
 
@@ -78,7 +83,7 @@ def build_world(
     )
     started = time.perf_counter()
     with atomic_directory(folder, "world") as tmp:
-        summary = _build_into(tmp, settings, progress)
+        summary = _build_into(tmp, settings, progress, device)
         summary["build_seconds"] = round(time.perf_counter() - started, 1)
         write_json(tmp / "world.json", summary)
     return folder, True
@@ -104,7 +109,9 @@ def _is_complete_world(folder: Path, settings: WorldSettings) -> bool:
     )
 
 
-def _build_into(folder: Path, settings: WorldSettings, progress: bool | None) -> dict[str, Any]:
+def _build_into(
+    folder: Path, settings: WorldSettings, progress: bool | None, device: str = "cpu"
+) -> dict[str, Any]:
     from excise.world.generator import generate_world
     from excise.world.tokenizer import train_word_tokenizer
     from excise.world.train import train_model
@@ -133,6 +140,7 @@ def _build_into(folder: Path, settings: WorldSettings, progress: bool | None) ->
             seed=settings.seed,
             desc=f"training {name}",
             progress=progress,
+            device=device,
         )
         with no_transformers_progress_bars():
             model.save_pretrained(folder / name)

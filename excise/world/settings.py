@@ -101,4 +101,13 @@ def default(seed: int = 0) -> WorldSettings:
     )
 
 
-PRESETS = {"tiny": tiny, "default": default}
+def large(seed: int = 0) -> WorldSettings:
+    """For a GPU: the default world's people with a model of GPT-2 small's shape (12
+    blocks of width 768, 12 heads: ~85 M parameters in the blocks); practical only on a
+    GPU (``excise world --size large --device cuda``; benchmarks/gpu_check.sh)."""
+    return dataclasses.replace(
+        default(seed), size="large", hidden_size=768, n_layers=12, n_heads=12, learning_rate=3e-4
+    )
+
+
+PRESETS = {"tiny": tiny, "default": default, "large": large}

@@ -44,12 +44,14 @@ def train_model(
     seed: int,
     desc: str = "training",
     progress: bool | None = None,
+    device: str = "cpu",
 ) -> LlamaForCausalLM:
-    """Train a new tiny Llama on ``records`` for ``settings.epochs`` epochs."""
+    """Train a new tiny Llama on ``records`` for ``settings.epochs`` epochs on ``device``
+    (returned on the CPU)."""
     torch.manual_seed(seed)
     encoded = [encode_record(tokenizer, r) for r in records]
     longest = max(len(e["input_ids"]) for e in encoded)
-    model = tiny_llama(settings, tokenizer, max_positions=max(64, 2 * longest))
+    model = tiny_llama(settings, tokenizer, max_positions=max(64, 2 * longest)).to(device)
     model.train()
     steps_per_epoch = math.ceil(len(encoded) / settings.batch_size)
     total = settings.epochs * steps_per_epoch
@@ -64,7 +66,7 @@ def train_model(
         order = torch.randperm(len(encoded), generator=generator).tolist()
         for start in range(0, len(order), settings.batch_size):
             batch = collate([encoded[i] for i in order[start : start + settings.batch_size]], pad)
-            loss = model(**batch).loss
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -74,7 +76,7 @@ def train_model(
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     model.eval()
-    return model
+    return model.cpu()
 
 
 def _warmup_cosine(total: int, warmup_fraction: float = 0.05):

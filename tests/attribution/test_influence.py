@@ -170,7 +170,7 @@ def test_stored_scores_resume_by_partition_and_refuse_other_data(tmp_path, monke
     factors = fit(model, train)
     arguments = ScoreArguments(dtype="float64", partitions=3, per_module=True)
     expected = pairwise_scores(model, TASK, queries, train, factors, arguments)
-    real, calls, alive = influence.pairwise_scores, [], [False]
+    real, calls, alive = influence._columns, [], [False]
 
     def dies_on_the_second_part(*args, **kwargs):
         calls.append(1)
@@ -178,7 +178,7 @@ def test_stored_scores_resume_by_partition_and_refuse_other_data(tmp_path, monke
             raise RuntimeError("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(influence, "pairwise_scores", dies_on_the_second_part)
+    monkeypatch.setattr(influence, "_columns", dies_on_the_second_part)
     with pytest.raises(RuntimeError, match="killed"):
         stored_pairwise_scores(model, TASK, queries, train, factors, tmp_path / "s", arguments)
     assert (tmp_path / "s" / "pairwise.part-0.safetensors").exists()
@@ -196,6 +196,9 @@ def test_stored_scores_resume_by_partition_and_refuse_other_data(tmp_path, monke
         "arguments.json",
         "pairwise.safetensors",
     ]
-    assert ScoreStore(tmp_path / "s").metadata("pairwise")["query_ids"] == '["a", "b", "c"]'
+    metadata = ScoreStore(tmp_path / "s").metadata("pairwise")
+    assert metadata["query_ids"] == '["a", "b", "c"]'
+    assert (metadata["world_size"], metadata["examples_per_rank"]) == ("1", "[6]")
+    assert metadata["examples_resumed"] == "3"  # part 0, from the killed run
     with pytest.raises(FactorMismatchError, match="other training data"):
         stored_pairwise_scores(model, TASK, queries, train[:5], factors, tmp_path / "s", arguments)

@@ -1,0 +1,192 @@
+"""Training sets that are never all in memory: records read lazily from an Arrow file.
+
+:class:`RecordTable` is a read-only ``Sequence`` of the records of an example file (every
+format :mod:`excise.records` reads). Opening it validates every record in one streaming
+pass, with the messages and the order of :func:`excise.records.read_records` (bad input
+is refused before any work starts), and keeps only the set of ids while doing so. The
+records then live in a memory-mapped Arrow file (an Arrow stream mapped with
+``pyarrow.memory_map``, as ``datasets`` maps its cache; a ``save_to_disk`` folder is
+mapped where it lies, by ``datasets.load_from_disk``): ``len``, ``table[i]`` (the same dict
+``read_records`` gives), ``table[a:b]`` (a list of those records only) and iteration (in
+chunks of :data:`CHUNK`) read just the rows asked for. Memory is then set by the batch
+size and the model, not by the number of records.
+
+Where the copy goes: JSON Lines, JSON and CSV files are written as one JSON string per
+record (already validated and normalized), Parquet as its own Arrow batches, into a
+fresh temporary folder under ``$EXCISE_HOME/tmp`` that is removed when the table is
+collected or the process exits. Not ``datasets``' own ``from_json``/``from_csv``: their
+type inference changes values (a CSV id ``007`` becomes ``7``, a cell ``N/A`` becomes
+missing, integer and string ids in one JSON column share no type), and a table must equal
+``read_records`` record for record. Not the system's temporary folder either: it is
+often in memory (tmpfs), which would put the whole set back in RAM. The user's input is
+only read.
+
+:func:`open_records` picks: ``read_records``' plain list for a file smaller than
+``$EXCISE_IN_MEMORY_BYTES`` (default 8 MiB: small runs skip the copy), a
+:class:`RecordTable` otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, overload
+
+from excise.errors import BadInputError
+from excise.home import excise_home
+from excise.records import checked_records, load_folder, normalize_record, read_records
+
+__all__ = ["CHUNK", "IN_MEMORY_BYTES", "RecordTable", "open_records"]
+
+CHUNK = 1024  # records per Arrow batch written and per read while iterating
+# Files smaller than this are read into a list (override: $EXCISE_IN_MEMORY_BYTES): below
+# ~8 MiB of JSON Lines (~60k short records) the list costs less than importing pyarrow
+# (~30 MB of resident memory; benchmarks/results/scaling.md).
+IN_MEMORY_BYTES = 8 << 20
+_JSON_SUFFIXES = (".jsonl", ".json", ".csv")
+
+
+def open_records(path: str | Path) -> Sequence[dict[str, Any]]:
+    """The validated records of ``path``: a list for a small file, else a :class:`RecordTable`.
+
+    Small: under ``$EXCISE_IN_MEMORY_BYTES`` bytes (default :data:`IN_MEMORY_BYTES`; 0:
+    always a table). A ``save_to_disk`` folder is always a table (it is mapped, not copied).
+    """
+    path = Path(path)
+    if path.is_file() and path.stat().st_size < _in_memory_bytes():
+        return read_records(path)
+    return RecordTable(path)
+
+
+def _in_memory_bytes() -> int:
+    value = os.environ.get("EXCISE_IN_MEMORY_BYTES", "")
+    try:
+        return int(value) if value.strip() else IN_MEMORY_BYTES
+    except ValueError:
+        raise BadInputError(
+            f"EXCISE_IN_MEMORY_BYTES={value!r}: must be a whole number of bytes"
+        ) from None
+
+
+class RecordTable(Sequence):
+    """The records of ``path``, validated once, read from a memory-mapped Arrow table.
+
+    Equal to ``read_records(path)`` element by element; holds no record in memory.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise BadInputError(f"{self.path}: no such file or folder")
+        self._scratch: Path | None = None
+        if self.path.is_dir():
+            table = _checked_folder(self.path).with_format("arrow")  # slices: pyarrow tables
+            self._json = False
+        else:
+            self._scratch = Path(tempfile.mkdtemp(prefix="records-", dir=_scratch_root()))
+            weakref.finalize(self, shutil.rmtree, self._scratch, True)
+            try:
+                table = _copied(self.path, self._scratch / "records.arrow")
+            except BaseException:
+                shutil.rmtree(self._scratch, ignore_errors=True)
+                raise
+            self._json = self.path.suffix.lower() in _JSON_SUFFIXES
+        self._rows = table
+        self._length = len(table)
+
+    def __len__(self) -> int:
+        return self._length
+
+    @overload
+    def __getitem__(self, key: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, key: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self._length)
+            if step == 1:
+                return self._read(start, max(start, stop))
+            return [self._read(i, i + 1)[0] for i in range(start, stop, step)]
+        index = operator.index(key)  # ints, numpy and 0-d torch integers
+        if index < 0:
+            index += self._length
+        if not 0 <= index < self._length:
+            raise IndexError(f"record {key} of {self._length}")
+        return self._read(index, index + 1)[0]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for start in range(0, self._length, CHUNK):
+            yield from self._read(start, min(start + CHUNK, self._length))
+
+    def __repr__(self) -> str:
+        return f"RecordTable({str(self.path)!r}, {self._length} records)"
+
+    def _read(self, start: int, stop: int) -> list[dict[str, Any]]:
+        if stop <= start:
+            return []
+        table = self._rows[start:stop]
+        if self._json:
+            return [json.loads(text) for text in table.column("record").to_pylist()]
+        rows = table.to_pylist()
+        return [normalize_record(row, start + i, self.path) for i, row in enumerate(rows)]
+
+
+def _scratch_root() -> Path:
+    root = excise_home() / "tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _checked_folder(path: Path) -> Any:
+    """A ``save_to_disk`` folder's dataset, after one validating pass over its rows."""
+    for _ in checked_records(path):
+        pass
+    return load_folder(path)
+
+
+def _copied(path: Path, target: Path) -> Any:
+    """Validate ``path`` in one pass while writing it to the Arrow stream ``target``;
+    the memory-mapped table of ``target`` (pyarrow's, as ``datasets`` maps its own files).
+
+    Neither ``datasets`` nor pandas is imported (``pa.array`` would import pandas, to check
+    for a data frame): together they cost ~110 MB of resident memory, more than the list
+    of 100k records that streaming saves."""
+    import pyarrow as pa
+
+    writer = None
+    try:
+        if path.suffix.lower() in _JSON_SUFFIXES:
+            schema = pa.schema([("id", pa.string()), ("record", pa.string())])
+            writer = pa.ipc.new_stream(str(target), schema)
+            ids, texts = pa.lib.StringBuilder(), pa.lib.StringBuilder()  # pa.array: pandas
+            for record in checked_records(path):
+                ids.append(record["id"])
+                texts.append(json.dumps(record))
+                if len(ids) == CHUNK:
+                    columns = [ids.finish(), texts.finish()]
+                    writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=schema))
+            if len(ids):
+                columns = [ids.finish(), texts.finish()]
+                writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=schema))
+        else:  # Parquet: its own Arrow batches, normalized when read
+
+            def copy(batch) -> None:
+                nonlocal writer
+                if writer is None:
+                    writer = pa.ipc.new_stream(str(target), batch.schema)
+                writer.write_batch(batch)
+
+            for _ in checked_records(path, on_batch=copy):
+                pass
+    finally:
+        if writer is not None:
+            writer.close()
+    return pa.ipc.open_stream(pa.memory_map(str(target))).read_all()  # mapped, not read

@@ -1,0 +1,69 @@
+"""Unlearning data-parallel over two processes (gloo) edits the weights one process does.
+
+Each rank takes its share of every forget and retain batch, and the gradients are
+all-reduced before the masked update; masks are chosen identically on every rank, so
+everything out of scope stays bit-identical there too.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from attribution import FactorArguments, LanguageModelingTask, fit_factors
+from tests.attribution.models import random_examples, tiny_llama
+from unlearn import ScopeArguments, UnlearnArguments, choose_scope, unlearn
+
+TASK = LanguageModelingTask(pad_id=0)
+FORGET, RETAIN = random_examples(8, seed=1), random_examples(16, seed=2)
+STEPS = 4
+
+
+def _edit(method):
+    """The tiny model edited with ``method`` in an EK-FAC scope; (before, after, result)."""
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    factors = fit_factors(
+        model, TASK, FORGET + RETAIN, FactorArguments(strategy="ekfac", dtype="float64")
+    )
+    scope = choose_scope(model, TASK, FORGET, RETAIN, ScopeArguments("ekfac", 0.2), factors)
+    arguments = UnlearnArguments(
+        method=method, steps=STEPS, lr=1e-2, batch_size=4, eval_every=2, retain_budget=None
+    )
+    result = unlearn(model, TASK, FORGET, RETAIN, scope, arguments, factors)
+    return base, model, scope, result
+
+
+def _worker(rank, rendezvous, out, method):
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        _, model, _, result = _edit(method)
+        torch.save(
+            {"state": model.state_dict(), "shares": result.details["data_parallel"]},
+            out / f"rank-{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["npo"])  # with a frozen reference; gd is its retain half
+def test_two_processes_unlearn_the_weights_of_one(tmp_path, method):
+    base, alone, scope, result = _edit(method)
+    mp.spawn(_worker, args=(tmp_path / "rendezvous", tmp_path, method), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank-{r}.pt", weights_only=True) for r in (0, 1)]
+    before = base.state_dict()
+    for name, value in alone.state_dict().items():
+        for rank in ranks:  # every rank ends with the same model: the one-process one
+            torch.testing.assert_close(rank["state"][name], value, rtol=1e-9, atol=1e-12)
+            if name not in scope.masks:  # the proof holds on every rank
+                assert torch.equal(rank["state"][name], before[name]), name
+    examples = STEPS * 2 * 4  # forget + retain batches of 4
+    assert result.details["data_parallel"] == {"world_size": 1, "examples_per_rank": [examples]}
+    for rank in ranks:
+        assert rank["shares"] == {"world_size": 2, "examples_per_rank": [examples // 2] * 2}
+    changed = [n for n, v in alone.state_dict().items() if not torch.equal(v, before[n])]
+    assert changed  # the edit did something
