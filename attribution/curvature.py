@@ -242,7 +242,7 @@ class Factors:
     def load(cls, folder: str | Path, model: nn.Module | None = None) -> Factors:
         """The factors saved in ``folder`` (a :class:`~attribution.store.FactorStore`).
 
-        With ``model``, refuse factors fitted for another model.
+        With ``model``, refuse factors fitted for another model, and put them on its device.
         """
         store = FactorStore.existing(folder, model)
         arguments = FactorArguments(**store.description["arguments"])
@@ -255,7 +255,7 @@ class Factors:
                 raise InputError(f"{folder}: stage {stage!r} was never finished; fit again")
             for name, quantities in values.items():
                 tensors[name].update(quantities)
-        return cls(arguments, tensors)
+        return cls(arguments, _to_device(tensors, model) if model is not None else tensors)
 
 
 def fit_factors(
@@ -434,9 +434,17 @@ class _CovarianceVisitor(Visitor):
     def __init__(self, sums, mask):
         self.sums, self.mask = sums, mask
 
-    def on_input(self, name, a):
+    def on_input(self, name, a, bias):
         a = _masked_tokens(a, self.mask)
-        self.sums[name]["activation_covariance"] += a.T @ a
+        covariance = self.sums[name]["activation_covariance"]
+        if bias:  # [a, 1]ᵀ[a, 1] = [[aᵀa, Σa], [Σaᵀ, n]], without copying a
+            n_in, column = a.shape[-1], a.sum(0)
+            covariance[:n_in, :n_in] += a.T @ a
+            covariance[:n_in, n_in] += column
+            covariance[n_in, :n_in] += column
+            covariance[n_in, n_in] += a.shape[0]
+        else:
+            covariance += a.T @ a
         self.sums[name]["n_tokens"] += a.shape[0]
 
     def on_grad(self, name, kept, g, last):
@@ -456,8 +464,11 @@ class _SquaredGradientVisitor(Visitor):
         self.sums, self.stage, self.eigen = sums, stage, eigen
         self.partial: dict[str, torch.Tensor] = {}
 
-    def on_input(self, name, a):
-        return a @ self.eigen[name]["activation_eigenvectors"].to(a.dtype) if self.eigen else a
+    def on_input(self, name, a, bias):
+        if not self.eigen:
+            return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1) if bias else a
+        q_a = self.eigen[name]["activation_eigenvectors"].to(a.dtype)
+        return a @ q_a[:-1] + q_a[-1] if bias else a @ q_a  # [a, 1] Q_A
 
     def on_grad(self, name, kept, g, last):
         if self.eigen:
@@ -581,7 +592,7 @@ def _example_generator(seed: int, stage: int, index: int, device) -> torch.Gener
 
 def _masked_tokens(a: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Rows of ``a`` ([batch, seq, d]) at tokens the mask keeps, as [n, d]."""
-    if mask is not None and mask.shape == a.shape[:2]:
+    if mask is not None and mask.shape == a.shape[:2] and not mask.all():
         return a[mask]
     return a.reshape(-1, a.shape[-1])
 

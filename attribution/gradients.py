@@ -156,13 +156,15 @@ def module_io(
 class Visitor:
     """What :func:`stream_io` does with each call of a tracked module (subclass it).
 
-    ``on_input(name, a)`` sees the input a ``[batch, seq, in (+1)]`` during the forward
-    pass and returns what must be kept until the backward (None: nothing);
+    ``on_input(name, a, bias)`` sees the input a ``[batch, seq, in]`` during the forward
+    pass — without the trailing 1 of a module with a bias (``bias`` True), which the
+    visitor accounts for without copying a — and returns what must be kept until the
+    backward (None: nothing);
     ``on_grad(name, kept, g, last)`` sees g = ∂L/∂output ``[batch, seq, out]`` as soon as
     autograd has it; ``last`` is True for the module's last call to be differentiated.
     """
 
-    def on_input(self, name: str, a: torch.Tensor) -> object:
+    def on_input(self, name: str, a: torch.Tensor, bias: bool) -> object:
         return None
 
     def on_grad(self, name: str, kept: object, g: torch.Tensor, last: bool) -> None:
@@ -207,10 +209,8 @@ def stream_io(
     def forward_hook(name, bias):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             a = _as_sequence(inputs[0].detach(), dtype)
-            if bias:
-                a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
             with torch.autocast(a.device.type, enabled=False):  # the visitor's sums: in dtype
-                kept = [visitor.on_input(name, a)]
+                kept = [visitor.on_input(name, a, bias)]
             pending[name] += 1
 
             def grad_hook(g: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ a word-level tokenizer; the records are templated question/answer pairs of rando
 ```
 python -m benchmarks.scaling                            # N = 1k, 10k; 1 process (~5 min)
 python -m benchmarks.scaling --sizes 1000,10000,100000  # 100k: slow on 2 cores
-python -m benchmarks.scaling --nproc 2                  # under torchrun
+python -m benchmarks.scaling --nproc 1,2 --threads 2     # 1 process × 2 threads, 2 × 1
 python -m benchmarks.scaling --modes stream,list        # also the in-memory list
 ```
 
@@ -50,17 +50,20 @@ TEMPLATES = (
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000,10000", help="training-set sizes, comma-separated")
-    parser.add_argument("--nproc", type=int, default=1, help="processes (torchrun when above 1)")
+    parser.add_argument(
+        "--nproc", default="1", help="processes, comma-separated (torchrun when above 1)"
+    )
     parser.add_argument("--modes", default="stream", help="stream and/or list, comma-separated")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the report goes")
     parser.add_argument(
         "--threads",
         type=int,
         default=1,
-        help="torch threads per process (1: robust on a shared machine)",
+        help="torch threads in all, shared among the processes (at least 1 each)",
     )
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
+    process_counts = [int(p) for p in args.nproc.split(",")]
     modes = [m.strip() for m in args.modes.split(",")]
     if not set(modes) <= {"stream", "list"}:
         parser.error(f"--modes {args.modes}: use stream and/or list")
@@ -70,9 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     for n in sizes:
         train = write_records(SCRATCH / f"train-{n}.jsonl", n, seed=0)
         for mode in modes:
-            run = attribute_run(model, train, queries, n, args.nproc, mode, args.threads)
-            runs.append(run)
-            print(json.dumps(run), file=sys.stderr)
+            for nproc in process_counts:
+                threads = max(1, args.threads // nproc)
+                run = attribute_run(model, train, queries, n, nproc, mode, threads)
+                runs.append(run)
+                print(json.dumps(run), file=sys.stderr)
     report = {
         "description": "excise attribute (EK-FAC factors + pairwise scores of "
         f"{N_QUERIES} queries), tiny Llama, batch size {BATCH_SIZE}",
@@ -144,7 +149,8 @@ def attribute_run(
         *("--out", str(out), "--quiet", "--batch-size", str(BATCH_SIZE), "--seed", "0"),
     ]
     if nproc > 1:
-        command = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", "excise"]
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        command = [sys.executable, *launcher, "-m", "excise"]
     else:
         command = [sys.executable, "-m", "excise"]
     env = {
@@ -163,7 +169,13 @@ def attribute_run(
     _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
     seconds = cpu_use(before, cpu_snapshot())
-    run: dict[str, Any] = {"n": n, "processes": nproc, "mode": mode, "ok": child.returncode == 0}
+    run: dict[str, Any] = {
+        "n": n,
+        "processes": nproc,
+        "threads_per_process": threads,
+        "mode": mode,
+        "ok": child.returncode == 0,
+    }
     if child.returncode != 0:
         run["not_run"] = stderr.strip().splitlines()[-1:] or [f"exit {child.returncode}"]
         return run
@@ -208,6 +220,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         label = f"{key[0]} process{'es' if key[0] > 1 else ''}, {key[1]}"
         left.plot([r["n"] for r in rows], [r["seconds"] for r in rows], "o-", label=label)
         right.plot([r["n"] for r in rows], [r["peak_mb"] for r in rows], "o-", label=label)
+    left.set_yscale("log")  # linear time: a slope of one on both log axes
     for axis, title in ((left, "wall time (s)"), (right, "peak resident memory (MB)")):
         axis.set_xscale("log")
         axis.set_xlabel("training sequences N")

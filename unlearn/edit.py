@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from attribution.curvature import Factors
+from attribution.distributed import broadcast, current_shard
 from attribution.errors import InputError
 from attribution.fingerprint import fingerprint_of
 from attribution.precision import round_to_stored
@@ -92,6 +93,7 @@ def scoped_edit(
             progress,
             forget_gradient=_scope_gradient(model, task, forget, arguments, frozen),
         )
+        scope = broadcast(scope, current_shard())  # under torchrun: rank 0's masks on all
     result = unlearn(
         model,
         task,

@@ -25,7 +25,7 @@ import torch
 
 from attribution import Damping, Factors, LanguageModelingTask, fit_factors
 from attribution.artifacts import artifact_kind, atomic_directory, check_output_folder
-from attribution.distributed import current_shard, on_main
+from attribution.distributed import broadcast, current_shard, on_main
 from attribution.index import INDEXABLE, Index, IndexArguments, build_index, index_scores
 from attribution.store import ScoreStore, examples_sha256
 from excise.commands.inputs import check_length, factor_arguments_of
@@ -185,13 +185,15 @@ def index_pairwise_scores(
         "train_sha256": examples_sha256(train),
         "excise_version": index.description.get("excise_version"),
     }
-    store = ScoreStore.open(folder, description)
-    done = store.load("pairwise")
+    shard = current_shard()  # under torchrun every rank scores (one product), rank 0 saves
+    store = on_main(lambda: ScoreStore.open(folder, description), shard)
+    done = broadcast(store.load("pairwise") if store else None, shard)
     if done is not None:
         return done["scores"]
     scores = index_scores(model, task, queries, index, batch_size=batch_size, progress=progress)
     metadata = {key: json.dumps(list(value)) for key, value in ids.items()}
-    store.save("pairwise", {"scores": scores}, metadata)
+    if store:
+        store.save("pairwise", {"scores": scores}, metadata)
     return scores
 
 

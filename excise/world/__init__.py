@@ -1,12 +1,13 @@
-"""The embedded default world: fictitious people and facts, a tokenizer, two tiny models.
+"""The embedded default world: fictitious people and facts, a tokenizer, two tiny models
+(``large``: a model of GPT-2 small's shape, for a GPU).
 
 >>> from excise.world import PRESETS
 >>> sorted(PRESETS)
-['default', 'tiny']
+['default', 'large', 'tiny']
 """
 
 from excise.world.build import SPLITS, build_world, read_split, world_folder
-from excise.world.settings import PRESETS, WorldSettings, default, tiny
+from excise.world.settings import PRESETS, WorldSettings, default, large, tiny
 
 __all__ = [
     "PRESETS",
@@ -14,6 +15,7 @@ __all__ = [
     "WorldSettings",
     "build_world",
     "default",
+    "large",
     "read_split",
     "tiny",
     "world_folder",

@@ -113,31 +113,37 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("killed_after", ["factors/covariance.part-1", "scores/pairwise.part-1"])
-def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(
-    files, tmp_path, killed_after
-):
-    args = _attribute_args(files, tmp_path / "resumed", "--partitions", "3")
+def _kill_when(args, marker):
+    """Run the slowed command until ``marker`` exists, then SIGKILL it."""
     victim = subprocess.Popen([sys.executable, "-c", SLOWED, *args], env=ENV)
-    marker = tmp_path / "resumed" / f"{killed_after}.safetensors"
     deadline = time.monotonic() + 300
     while not marker.exists() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL and marker.exists()
-    assert not (tmp_path / "resumed" / "scores" / "pairwise.safetensors").exists()
-    assert _launch(1, args).returncode == 0  # the rerun resumes
-    assert (
-        _launch(1, _attribute_args(files, tmp_path / "whole", "--partitions", "3")).returncode == 0
-    )
-    for stage in ("factors/lambda", "scores/pairwise"):
-        resumed, _ = _tensors(tmp_path / "resumed" / f"{stage}.safetensors")
-        whole, _ = _tensors(tmp_path / "whole" / f"{stage}.safetensors")
-        assert resumed.keys() == whole.keys()
-        for key, value in whole.items():
+
+
+def test_a_run_killed_with_sigkill_twice_resumes_to_the_uninterrupted_result(files, tmp_path):
+    """Killed during the factor fit, then (resumed) during scoring, then run to the end."""
+    out = tmp_path / "resumed"
+    args = _attribute_args(files, out, "--partitions", "3")
+    _kill_when(args, out / "factors" / "covariance.part-1.safetensors")
+    assert not (out / "factors" / "covariance.safetensors").exists()
+    _kill_when(args, out / "scores" / "pairwise.part-1.safetensors")
+    assert not (out / "scores" / "pairwise.safetensors").exists()
+    assert _launch(1, args).returncode == 0  # the second rerun finishes
+    whole = _launch(1, _attribute_args(files, tmp_path / "whole", "--partitions", "3"))
+    assert whole.returncode == 0
+    for stage in ("factors/covariance", "factors/lambda", "scores/pairwise"):
+        resumed, _ = _tensors(out / f"{stage}.safetensors")
+        expected, _ = _tensors(tmp_path / "whole" / f"{stage}.safetensors")
+        assert resumed.keys() == expected.keys()
+        for key, value in expected.items():
             assert torch.equal(resumed[key], value), (stage, key)
-    _, metadata = _tensors(tmp_path / "resumed" / "scores" / "pairwise.safetensors")
-    assert int(metadata["examples_resumed"]) > 0 or killed_after.startswith("factors")
-    leftovers = [p.name for p in (tmp_path / "resumed").rglob("*.part-*") if p.name[0] != "."]
+    _, metadata = _tensors(out / "scores" / "pairwise.safetensors")
+    assert int(metadata["examples_resumed"]) > 0  # the parts of the killed scoring
+    _, metadata = _tensors(out / "factors" / "covariance.safetensors")
+    assert int(metadata["examples_resumed"]) > 0  # the parts of the killed fit
+    leftovers = [p.name for p in out.rglob("*.part-*") if p.name[0] != "."]
     assert leftovers == []
