@@ -191,9 +191,11 @@ def _run_world(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"excise world: {message}", file=sys.stderr)
 
-    from excise.models import choose_device
+    device = args.device
+    if device != "cpu":  # checked (imports torch: reusing a built world stays instant)
+        from excise.models import choose_device
 
-    device = str(choose_device(args.device))
+        device = str(choose_device(device))
     folder, built = build_world(
         settings, out=args.out, progress=False if args.quiet else None, note=note, device=device
     )

@@ -85,18 +85,19 @@ def optimize(
             forget_records, weight = _share(next(forget_batches), shard)
             retain_records, _ = _share(next(retain_batches), shard)
             processed += len(forget_records) + len(retain_records)
-            step = Step(
-                model,
-                task,
-                on_device(task.collate(forget_records), device),
-                on_device(task.collate(retain_records), device),
-                arguments,
-                frozen,
-                state,
-                forget_records,
-            )
-            loss = method.loss(step)
-            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+            if forget_records and retain_records:
+                batches_on_device = (
+                    on_device(task.collate(forget_records), device),
+                    on_device(task.collate(retain_records), device),
+                )
+                step = Step(
+                    model, task, *batches_on_device, arguments, frozen, state, forget_records
+                )
+                loss = method.loss(step)
+                grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+            else:  # a short last batch with fewer examples than ranks: this one sits it out
+                loss = torch.zeros((), device=device, dtype=params[names[0]].dtype)
+                grads, weight = [None] * len(names), 0.0
             loss, grads = _joined(loss, grads, [params[n] for n in names], weight, shard)
             if not torch.isfinite(loss):
                 raise NonFiniteError(
@@ -153,8 +154,9 @@ def _joined(loss, grads, params, weight: float, shard):
 
     Every objective is a mean over the batch's examples, so this is the one-process loss and
     gradient whenever the forget and retain batches are shared in the same proportions
-    (equal batch sizes: every step but an epoch's short last batch); an objective averaged
-    over tokens (RMU) is then weighted by examples instead. One process: unchanged.
+    (equal batch sizes: every step but an epoch's short last batch, where a rank whose share
+    is empty contributes nothing); an objective averaged over tokens (RMU) is weighted by
+    examples instead. One process: unchanged.
     """
     if not shard.parallel:
         return loss, grads

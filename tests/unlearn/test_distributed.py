@@ -23,25 +23,25 @@ FORGET, RETAIN = random_examples(8, seed=1), random_examples(16, seed=2)
 STEPS = 4
 
 
-def _edit(method):
+def _edit(method, forget=FORGET):
     """The tiny model edited with ``method`` in an EK-FAC scope; (before, after, result)."""
     base = tiny_llama()
     model = copy.deepcopy(base)
     factors = fit_factors(
         model, TASK, FORGET + RETAIN, FactorArguments(strategy="ekfac", dtype="float64")
     )
-    scope = choose_scope(model, TASK, FORGET, RETAIN, ScopeArguments("ekfac", 0.2), factors)
+    scope = choose_scope(model, TASK, forget, RETAIN, ScopeArguments("ekfac", 0.2), factors)
     arguments = UnlearnArguments(
         method=method, steps=STEPS, lr=1e-2, batch_size=4, eval_every=2, retain_budget=None
     )
-    result = unlearn(model, TASK, FORGET, RETAIN, scope, arguments, factors)
+    result = unlearn(model, TASK, forget, RETAIN, scope, arguments, factors)
     return base, model, scope, result
 
 
-def _worker(rank, rendezvous, out, method):
+def _worker(rank, rendezvous, out, method, n_forget=None):
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
-        _, model, _, result = _edit(method)
+        _, model, _, result = _edit(method, FORGET[:n_forget])
         torch.save(
             {"state": model.state_dict(), "shares": result.details["data_parallel"]},
             out / f"rank-{rank}.pt",
@@ -67,3 +67,14 @@ def test_two_processes_unlearn_the_weights_of_one(tmp_path, method):
         assert rank["shares"] == {"world_size": 2, "examples_per_rank": [examples // 2] * 2}
     changed = [n for n, v in alone.state_dict().items() if not torch.equal(v, before[n])]
     assert changed  # the edit did something
+
+
+def test_a_short_last_batch_with_fewer_examples_than_ranks_is_shared_without_a_crash(tmp_path):
+    """5 forget examples in batches of 4: the second step's batch has one example, so one
+    rank's share is empty; that rank sits the step out and the edit goes on, in scope."""
+    mp.spawn(_worker, args=(tmp_path / "rendezvous", tmp_path, "gd", 5), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank-{r}.pt", weights_only=True) for r in (0, 1)]
+    for name, value in ranks[0]["state"].items():
+        assert torch.equal(ranks[1]["state"][name], value), name  # the ranks agree
+    counts = ranks[0]["shares"]["examples_per_rank"]
+    assert sum(counts) == STEPS * 4 + 4 + 1 + 4 + 1  # retain 4 a step; forget 4, 1, 4, 1
