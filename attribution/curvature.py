@@ -42,7 +42,7 @@ from attribution.distributed import (
     to_cpu,
     work_record,
 )
-from attribution.errors import InputError, NonFiniteError
+from attribution.errors import InputError, NonFiniteError, check_choice, check_positive_ints
 from attribution.gradients import Visitor, module_io, outer_sum, stream_io
 from attribution.modules import layout_shape, select_modules
 from attribution.precision import AUTOCAST
@@ -135,14 +135,16 @@ class FactorArguments:
     )
 
     def __post_init__(self) -> None:
-        _check_choice("autocast", self.autocast, tuple(AUTOCAST))
-        _check_choice("strategy", self.strategy, STRATEGIES)
-        _check_choice("fisher", self.fisher, FISHER_TYPES)
-        _check_choice("dtype", self.dtype, tuple(DTYPES))
-        for name in ("batch_size", "partitions"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"FactorArguments.{name} must be an integer >= 1, got {value!r}")
+        for name, choices in (
+            ("autocast", AUTOCAST),
+            ("strategy", STRATEGIES),
+            ("fisher", FISHER_TYPES),
+            ("dtype", DTYPES),
+        ):
+            check_choice("FactorArguments", name, getattr(self, name), choices)
+        check_positive_ints(
+            "FactorArguments", {"batch_size": self.batch_size, "partitions": self.partitions}
+        )
         if isinstance(self.modules, list):
             object.__setattr__(self, "modules", tuple(self.modules))
 
@@ -297,8 +299,9 @@ def fit_factors(
         saved = broadcast(store.load_nested(stage) if store else None, shard)
         if saved is None:
             started = time.perf_counter()
-            if stage == "eigendecomposition":  # rank 0's, so that every rank has its bits
-                saved = broadcast(eigendecompose(tensors, arguments.torch_dtype), shard)
+            if stage == "eigendecomposition":  # on rank 0, so that every rank has its bits
+                eigen = on_main(lambda: eigendecompose(tensors, arguments.torch_dtype), shard)
+                saved = broadcast(eigen, shard)
             else:
                 eigen = tensors if stage == "lambda" else None
                 sums, work[stage] = _partitioned_sums(
@@ -451,9 +454,6 @@ class _CovarianceVisitor(Visitor):
         g = g.reshape(-1, g.shape[-1])
         self.sums[name]["gradient_covariance"] += g.T @ g
 
-    def flush(self):
-        pass
-
 
 class _SquaredGradientVisitor(Visitor):
     """Σ_z (Q_Sᵀ G_z Q_A)² (or G_z² without eigenvectors): the input is rotated in the
@@ -601,10 +601,3 @@ def _check_finite_factors(name: str, values: Mapping[str, torch.Tensor]) -> None
     for key, tensor in values.items():
         if not torch.isfinite(tensor).all():
             raise NonFiniteError(f"the {key} of module {name!r} is NaN or infinite")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise InputError(
-            f"FactorArguments.{name} must be one of {', '.join(choices)}; got {value!r}"
-        )

@@ -43,7 +43,7 @@ from scipy.stats import rankdata
 from torch import nn
 
 from attribution.curvature import DAMPING_FACTOR, Damping, Factors
-from attribution.errors import InputError, NonFiniteError
+from attribution.errors import InputError, NonFiniteError, check_positive_ints
 from attribution.influence import QueryGradients, ScoreArguments, pairwise_scores, query_gradients
 from attribution.modules import select_modules
 from attribution.progress import evaluating, progress_bar
@@ -78,10 +78,8 @@ class SearchArguments:
         object.__setattr__(self, "factors", tuple(float(f) for f in self.factors))
         if not self.factors or any(not math.isfinite(f) or f < 0 for f in self.factors):
             raise InputError(f"damping candidates must be finite and >= 0, got {self.factors}")
-        for name in ("perturbations", "steps", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"SearchArguments.{name} must be an integer >= 1, got {value!r}")
+        fields_ = ("perturbations", "steps", "batch_size")
+        check_positive_ints("SearchArguments", {n: getattr(self, n) for n in fields_})
         if self.perturbations < 3:
             raise InputError("SearchArguments.perturbations must be >= 3 (a rank correlation)")
         if self.optimizer not in OPTIMIZERS:

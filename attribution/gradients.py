@@ -170,6 +170,9 @@ class Visitor:
     def on_grad(self, name: str, kept: object, g: torch.Tensor, last: bool) -> None:
         pass
 
+    def flush(self) -> None:
+        """After the backward: finish what calls that never got a gradient left open."""
+
 
 def stream_io(
     model: nn.Module,
@@ -199,12 +202,10 @@ def stream_io(
     handles, flags = [], []
 
     def leaf_input(module: nn.Module, args: tuple) -> tuple | None:
-        x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and torch.is_grad_enabled() and not x.requires_grad:
-            x = x.detach().requires_grad_(True)
-            leaves.append(x)
-            return (x, *args[1:])
-        return None
+        replaced = _differentiable_input(module, args)
+        if replaced is not None:
+            leaves.append(replaced[0])
+        return replaced
 
     def forward_hook(name, bias):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:

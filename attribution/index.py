@@ -55,7 +55,12 @@ from torch import nn
 
 from attribution.curvature import DTYPES, Damping, FactorArguments, Factors, partition_bounds
 from attribution.distributed import broadcast, current_shard, gather, on_main, work_record
-from attribution.errors import FactorMismatchError, InputError
+from attribution.errors import (
+    FactorMismatchError,
+    InputError,
+    check_choice,
+    check_positive_ints,
+)
 from attribution.gradients import module_io, outer_sum
 from attribution.modules import select_modules
 from attribution.store import IndexStore
@@ -97,16 +102,12 @@ class IndexArguments:
         d = self.dimension
         if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 1):
             raise InputError(f"IndexArguments.dimension must be an integer >= 1 or None, got {d!r}")
-        if self.method not in METHODS:
-            raise InputError(
-                f"IndexArguments.method must be one of {', '.join(METHODS)}; got {self.method!r}"
-            )
+        check_choice("IndexArguments", "method", self.method, METHODS)
         if self.dtype not in DTYPES:
             raise InputError(f"IndexArguments.dtype must be float32 or float64, got {self.dtype!r}")
-        for name in ("batch_size", "partitions"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"IndexArguments.{name} must be an integer >= 1, got {value!r}")
+        check_positive_ints(
+            "IndexArguments", {"batch_size": self.batch_size, "partitions": self.partitions}
+        )
         damping = self.damping
         damping = Damping(**damping) if isinstance(damping, Mapping) else Damping.of(damping)
         object.__setattr__(self, "damping", damping)

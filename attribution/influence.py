@@ -36,7 +36,7 @@ from attribution.distributed import (
     to_cpu,
     work_record,
 )
-from attribution.errors import InputError
+from attribution.errors import InputError, check_choice, check_positive_ints
 from attribution.gradients import example_gradients, module_io, outer_sum
 from attribution.modules import select_modules
 from attribution.precision import AUTOCAST
@@ -86,17 +86,12 @@ class ScoreArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.autocast not in AUTOCAST:
-            raise InputError(
-                f"ScoreArguments.autocast must be one of {', '.join(AUTOCAST)}, "
-                f"got {self.autocast!r}"
-            )
+        check_choice("ScoreArguments", "autocast", self.autocast, AUTOCAST)
         if self.dtype not in DTYPES:
             raise InputError(f"ScoreArguments.dtype must be float32 or float64, got {self.dtype!r}")
-        for name in ("batch_size", "partitions"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"ScoreArguments.{name} must be an integer >= 1, got {value!r}")
+        check_positive_ints(
+            "ScoreArguments", {"batch_size": self.batch_size, "partitions": self.partitions}
+        )
         if self.cg_curvature not in CURVATURES:
             raise InputError(
                 f"ScoreArguments.cg_curvature must be one of {CURVATURES}, "

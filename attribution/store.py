@@ -58,9 +58,32 @@ class TensorStore:
     """A folder of safetensors files bound to one description (see the module docstring)."""
 
     kind = "tensors"
+    MISSING: str | None = None  # the message for a folder that does not exist (None: the next)
+    NOT_THIS_KIND = "not an excise tensor folder"
+    OTHER_MODEL = "made for another model (fingerprints differ)"
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+
+    @classmethod
+    def existing(cls, folder: str | Path, model: nn.Module | None = None):
+        """An existing folder of this kind; with ``model``, refused when made for another."""
+        folder = Path(folder)
+        if cls.MISSING is not None and not folder.exists():
+            raise InputError(f"{folder}: {cls.MISSING}")
+        if artifact_kind(folder) != cls.kind:
+            raise InputError(f"{folder}: {cls.NOT_THIS_KIND}")
+        store = cls(folder)
+        if model is not None and store.description.get("model_fingerprint") != model_fingerprint(
+            model
+        ):
+            raise FactorMismatchError(f"{folder}: {cls.OTHER_MODEL}")
+        return store
+
+    @property
+    def description(self) -> dict[str, Any]:
+        """The folder's ``arguments.json``: arguments, modules, model fingerprint ..."""
+        return read_description(self.folder)
 
     @classmethod
     def open(cls, folder: str | Path, description: dict[str, Any]):
@@ -111,6 +134,11 @@ class FactorStore(TensorStore):
     """Curvature factors of one model and one set of :class:`FactorArguments`."""
 
     kind = "factors"
+    NOT_THIS_KIND = "not an excise factor folder"
+    OTHER_MODEL = (
+        "the factors were fitted for another model (fingerprints differ); "
+        "fit factors for this model"
+    )
 
     @classmethod
     def open_for(
@@ -155,27 +183,6 @@ class FactorStore(TensorStore):
         flat = {f"{m}/{q}": t for m, qs in values.items() for q, t in qs.items()}
         self.save(name, flat, metadata)
 
-    @classmethod
-    def existing(cls, folder: str | Path, model: nn.Module | None = None) -> FactorStore:
-        """An existing factor folder; with ``model``, refused when fitted for another model."""
-        folder = Path(folder)
-        if artifact_kind(folder) != cls.kind:
-            raise InputError(f"{folder}: not an excise factor folder")
-        store = cls(folder)
-        if model is not None and store.description.get("model_fingerprint") != model_fingerprint(
-            model
-        ):
-            raise FactorMismatchError(
-                f"{folder}: the factors were fitted for another model (fingerprints differ); "
-                "fit factors for this model"
-            )
-        return store
-
-    @property
-    def description(self) -> dict[str, Any]:
-        """The folder's ``arguments.json``: arguments, modules, model fingerprint."""
-        return read_description(self.folder)
-
 
 class ScoreStore(TensorStore):
     """Influence scores of one model, one factor fit, one query set and one train set."""
@@ -212,6 +219,11 @@ class IndexStore(TensorStore):
     index arguments and one training set."""
 
     kind = "index"
+    MISSING = "no such index folder; build one with excise index"
+    NOT_THIS_KIND = "not an excise index folder (see excise index)"
+    OTHER_MODEL = (
+        "the index was built for another model (fingerprints differ); build an index for this model"
+    )
     PART = re.compile(r"^vectors\.part-(\d+)-(\d+)\.safetensors$")
 
     @classmethod
@@ -244,28 +256,6 @@ class IndexStore(TensorStore):
             "excise_version": package_version(),
         }
         return cls.open(folder, description)
-
-    @classmethod
-    def existing(cls, folder: str | Path, model: nn.Module | None = None) -> IndexStore:
-        """An existing index folder; with ``model``, refused when built for another model."""
-        folder = Path(folder)
-        if not folder.exists():
-            raise InputError(f"{folder}: no such index folder; build one with excise index")
-        if artifact_kind(folder) != cls.kind:
-            raise InputError(f"{folder}: not an excise index folder (see excise index)")
-        store = cls(folder)
-        if model is not None and store.description.get("model_fingerprint") != model_fingerprint(
-            model
-        ):
-            raise FactorMismatchError(
-                f"{folder}: the index was built for another model (fingerprints differ); "
-                "build an index for this model"
-            )
-        return store
-
-    @property
-    def description(self) -> dict[str, Any]:
-        return read_description(self.folder)
 
     def part_path(self, start: int, stop: int) -> Path:
         """Where the vectors of training examples [start, stop) are saved."""

@@ -279,6 +279,11 @@ def _add_attribute_arguments(parser: argparse.ArgumentParser) -> None:
     from excise.commands.attribute import add_search_options
 
     add_search_options(parser)
+    _add_pass_options(parser)
+
+
+def _add_pass_options(parser: argparse.ArgumentParser) -> None:
+    """--batch-size, --max-length and --device of the commands that pass over data."""
     parser.add_argument(
         "--batch-size", type=int, default=16, help="sequences per pass (default 16)"
     )
@@ -324,13 +329,7 @@ def _add_index_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         help="module names, or one regex (default: as excise attribute's)",
     )
-    parser.add_argument(
-        "--batch-size", type=int, default=16, help="sequences per pass (default 16)"
-    )
-    parser.add_argument("--max-length", type=int, help="truncate sequences to this many tokens")
-    parser.add_argument(
-        "--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ..."
-    )
+    _add_pass_options(parser)
 
 
 def _run_index(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import attribution.index as index_module
-from attribution import Damping, FactorArguments, InputError, LanguageModelingTask, fit_factors
+from attribution import Damping, InputError, LanguageModelingTask
 from attribution.errors import FactorMismatchError
 from attribution.index import (
     Index,
@@ -22,14 +22,10 @@ from attribution.index import (
 from attribution.influence import ScoreArguments, pairwise_scores
 
 from .models import random_examples, tiny_gpt2, tiny_llama
+from .test_influence import fit  # float64 EK-FAC (or another strategy), empirical Fisher
 
 TASK = LanguageModelingTask(pad_id=0)
 F64 = ScoreArguments(dtype="float64")
-
-
-def fit(model, examples, strategy="ekfac"):
-    arguments = FactorArguments(strategy=strategy, fisher="empirical", dtype="float64")
-    return fit_factors(model, TASK, examples, arguments)
 
 
 def arguments(**given):
