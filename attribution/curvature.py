@@ -133,6 +133,14 @@ class FactorArguments:
             "choices": tuple(AUTOCAST),
         },
     )
+    lambda_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "share of the examples EK-FAC's eigen-correction Λ is fitted on, evenly "
+            "spaced (below 1: a cheaper estimator, its pass shortened in proportion; "
+            "1: every example)"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name, choices in (
@@ -145,6 +153,17 @@ class FactorArguments:
         check_positive_ints(
             "FactorArguments", {"batch_size": self.batch_size, "partitions": self.partitions}
         )
+        fraction = self.lambda_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise InputError(f"FactorArguments.lambda_fraction must be a number, got {fraction!r}")
+        if not 0 < fraction <= 1:
+            raise InputError(f"FactorArguments.lambda_fraction must be in (0, 1], got {fraction!r}")
+        if fraction < 1 and self.strategy != "ekfac":
+            raise InputError(
+                f"FactorArguments.lambda_fraction < 1 applies to ekfac only (Λ is EK-FAC's), "
+                f"not {self.strategy}"
+            )
+        object.__setattr__(self, "lambda_fraction", float(fraction))
         if isinstance(self.modules, list):
             object.__setattr__(self, "modules", tuple(self.modules))
 
@@ -304,8 +323,11 @@ def fit_factors(
                 saved = broadcast(eigen, shard)
             else:
                 eigen = tensors if stage == "lambda" else None
+                data = examples
+                if stage == "lambda":
+                    data = EvenlySpaced.share(examples, arguments.lambda_fraction)
                 sums, work[stage] = _partitioned_sums(
-                    stage, model, task, examples, arguments, modules, eigen, store, progress
+                    stage, model, task, data, arguments, modules, eigen, store, progress
                 )
                 saved = _normalize(sums, arguments.torch_dtype)
             seconds[stage] = time.perf_counter() - started
@@ -316,6 +338,39 @@ def fit_factors(
         for name, values in saved.items():
             tensors[name].update(values)
     return Factors(arguments, tensors, seconds, work)
+
+
+class EvenlySpaced(Sequence):
+    """n of N examples, evenly spaced: item k is ``examples[⌊k·N/n⌋]``, k = 0 … n − 1.
+
+    The subset EK-FAC's Λ is fitted on when ``lambda_fraction`` < 1, n = max(1, round(f·N)):
+    deterministic, spread over the whole set (not its head, which may be ordered).
+
+    >>> list(EvenlySpaced.share(list(range(10)), 0.3))
+    [0, 3, 6]
+    >>> EvenlySpaced.share("abc", 1.0)
+    'abc'
+    """
+
+    def __init__(self, examples: Sequence[Any], n: int):
+        self.examples, self.n = examples, n
+
+    @classmethod
+    def share(cls, examples: Sequence[Any], fraction: float) -> Sequence[Any]:
+        """``examples`` itself for a fraction of 1, else the evenly spaced share of it."""
+        if fraction >= 1:
+            return examples
+        return cls(examples, max(1, round(fraction * len(examples))))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return [self[k] for k in range(*key.indices(self.n))]
+        if not -self.n <= key < self.n:
+            raise IndexError(key)
+        return self.examples[(key % self.n) * len(self.examples) // self.n]
 
 
 def eigendecompose(

@@ -37,7 +37,7 @@ from attribution.distributed import (
     work_record,
 )
 from attribution.errors import InputError, check_choice, check_positive_ints
-from attribution.gradients import example_gradients, module_io, outer_sum
+from attribution.gradients import Visitor, example_gradients, module_io, outer_sum, stream_io
 from attribution.modules import select_modules
 from attribution.precision import AUTOCAST
 from attribution.solve import CURVATURES, conjugate_gradient
@@ -267,15 +267,23 @@ def _columns(
     )
     start = 0
     for _, _, batch in batches(model, task, train, arguments.batch_size, "train", progress):
-        records = module_io(
-            model, task, batch, modules, dtype=arguments.torch_dtype, autocast_to=arguments.autocast
+        visitor = _ScoreVisitor(queries, arguments.per_token)
+        stream_io(
+            model,
+            task,
+            batch,
+            modules,
+            visitor,
+            dtype=arguments.torch_dtype,
+            autocast_to=arguments.autocast,
         )
         stop = start + batch["input_ids"].shape[0]
-        for name, record in records.items():
-            scores, tokens = _module_scores(record, queries, name, arguments.per_token)
+        for name in modules:
+            scores = visitor.module_scores(name, n_q, stop - start, total.dtype)
             total[:, start:stop] += scores.to(total.device)
             if per_module is not None:
                 per_module[name][:, start:stop] = scores.to(total.device)
+            tokens = visitor.token_scores(name) if arguments.per_token else None
             if tokens is not None:
                 per_token = _widened(per_token, tokens.shape[-1])
                 per_token[:, start:stop, : tokens.shape[-1]] += tokens.to(per_token.device)
@@ -422,9 +430,60 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return proponents, opponents
 
 
-def _module_scores(record, queries: QueryGradients, name: str, per_token: bool):
-    """Scores [n_q, batch] of one module, and per-token scores [n_q, batch, seq] if asked."""
-    a, g = _single_call(record)
+class _ScoreVisitor(Visitor):
+    """Each module call's scores, formed from its a and g as the backward reaches it
+    (:func:`~attribution.gradients.stream_io`), so no module's a or g outlives its use.
+
+    Scores are linear in G_z = Σ_calls Σₜ gₜ aₜᵀ, so a module called several times adds
+    its calls' scores; its per-token scores are its calls' joined along the sequence, in
+    call order (a call whose output got no gradient contributes zeros).
+    """
+
+    def __init__(self, queries: QueryGradients, per_token: bool):
+        self.queries, self.per_token = queries, per_token
+        self.lengths: dict[str, list[int]] = {}  # each call's sequence length, call order
+        self.scores: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, dict[int, torch.Tensor]] = {}
+
+    def on_input(self, name, a, bias):
+        calls = self.lengths.setdefault(name, [])
+        calls.append(a.shape[1])
+        a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1) if bias else a
+        return len(calls) - 1, a
+
+    def on_grad(self, name, kept, g, last):
+        call, a = kept
+        scores, tokens = _module_scores(a, g, self.queries, name, self.per_token)
+        self.scores[name] = scores if name not in self.scores else self.scores[name] + scores
+        if tokens is not None:
+            self.tokens.setdefault(name, {})[call] = tokens
+
+    def module_scores(self, name: str, n_q: int, n_batch: int, dtype) -> torch.Tensor:
+        """[n_q, batch]: the module's scores (zeros if no call got a gradient)."""
+        if name in self.scores:
+            return self.scores[name]
+        return torch.zeros(n_q, n_batch, dtype=dtype)
+
+    def token_scores(self, name: str) -> torch.Tensor | None:
+        """[n_q, batch, Σ call lengths]: the calls' per-token scores in call order."""
+        calls = self.tokens.get(name)
+        if not calls:
+            return None
+        shape = next(iter(calls.values())).shape[:2]
+        return torch.cat(
+            [
+                calls[c] if c in calls else calls[next(iter(calls))].new_zeros(*shape, length)
+                for c, length in enumerate(self.lengths[name])
+            ],
+            dim=-1,
+        )
+
+
+def _module_scores(
+    a: torch.Tensor, g: torch.Tensor, queries: QueryGradients, name: str, per_token: bool
+):
+    """Scores [n_q, batch] of one module call (a [batch, seq, in (+1)], g [batch, seq, out]),
+    and per-token scores [n_q, batch, seq] if asked."""
     n_q, (n_batch, n_tokens, n_out), n_in = queries.n_queries, g.shape, a.shape[-1]
     materialize_cost = n_batch * n_tokens * n_out * n_in + n_q * n_batch * n_out * n_in
     if name in queries.dense:
@@ -463,13 +522,6 @@ def _token_scores(a: torch.Tensor, g: torch.Tensor, queries: QueryGradients, nam
         va = (a2 @ right.transpose(0, 1).reshape(n_in, n_q * rank)).view(-1, n_q, rank)
         tokens = (ug * va).sum(-1)
     return tokens.view(n_batch, n_tokens, n_q).permute(2, 0, 1)
-
-
-def _single_call(record):
-    """The module's a and g; several calls of one module are joined along the sequence."""
-    a = torch.cat(record.inputs, dim=1)
-    g = torch.cat(record.output_grads, dim=1)
-    return a, g
 
 
 def _low_rank(dense: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -189,15 +189,22 @@ def fit_excise_factors(
     strategy: str,
     fisher: str,
     folder: Path | None = None,
+    **options: Any,
 ) -> tuple[dict[str, float], Any]:
-    """excise's ``fit_factors`` (saved to ``folder`` as it goes, if given).
+    """excise's ``fit_factors`` (saved to ``folder`` as it goes, if given); ``options``:
+    other ``FactorArguments`` fields (e.g. ``autocast``, ``lambda_fraction``).
 
     Returns the seconds per stage (and ``"total"``) and the ``Factors``.
     """
     from attribution import FactorArguments, LanguageModelingTask, fit_factors
 
     arguments = FactorArguments(
-        strategy=strategy, fisher=fisher, modules=tuple(modules), batch_size=BATCH_SIZE, seed=0
+        strategy=strategy,
+        fisher=fisher,
+        modules=tuple(modules),
+        batch_size=BATCH_SIZE,
+        seed=0,
+        **options,
     )
     started = time.perf_counter()
     factors = fit_factors(
@@ -268,9 +275,15 @@ KRONFLUENCE_STAGES = {  # stage name: Analyzer method, and whether it reads the 
 
 
 def fit_kronfluence_factors(
-    analyzer: Any, ids: torch.Tensor, strategy: str, fisher: str, name: str
+    analyzer: Any,
+    ids: torch.Tensor,
+    strategy: str,
+    fisher: str,
+    name: str,
+    amp: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """kronfluence's factor stages in float32 (eigendecomposition in float64), timed.
+    """kronfluence's factor stages in float32 (eigendecomposition in float64), timed;
+    ``amp``: its autocast dtype for the forward and backward passes (None: off).
 
     A stage the strategy does not need returns at once (``identity``: all three), after
     saving the factor arguments the score stages look for.
@@ -280,7 +293,7 @@ def fit_kronfluence_factors(
     arguments = FactorArguments(
         strategy=strategy,
         use_empirical_fisher=fisher == "empirical",
-        amp_dtype=None,
+        amp_dtype=amp,
         activation_covariance_dtype=torch.float32,
         gradient_covariance_dtype=torch.float32,
         eigendecomposition_dtype=torch.float64,

@@ -523,6 +523,11 @@ def finish(report: dict[str, Any], folder: Path) -> str:
     others = ("excise-ekfac", "excise-identity", "dattri-cg", "dattri-arnoldi")
     pairs += [("excise-ekfac-true", p) for p in others]
     pairs += [("excise-ekfac-chosen", "excise-ekfac")]
+    pairs += [  # the cheaper estimators against the estimator they cut
+        ("excise-ekfac-lambda25", "excise-ekfac"),
+        ("excise-ekfac-true-lambda25", "excise-ekfac-true"),
+        ("excise-ekfac-bf16", "excise-ekfac"),
+    ]
     for r in report["results"]:
         for a, b in pairs:
             if a in r["methods"] and b in r["methods"]:

@@ -9,6 +9,9 @@ when training on z lowers the query's loss, score(q, z) ≈ ∇ℓ(q)ᵀ (G + λ
   (the data's labels) and the default damping 0.1 × mean eigenvalue per module;
   ``excise-ekfac-true``: the same with the true Fisher (labels sampled from the model);
   ``excise-ekfac-ensemble``: the mean of ``excise-ekfac`` over every given model;
+  ``excise-ekfac-lambda25`` / ``excise-ekfac-true-lambda25``: cheaper estimators, Λ
+  fitted on an evenly spaced quarter of the training set (``lambda_fraction`` 0.25);
+  ``excise-ekfac-bf16``: forward and backward passes under bfloat16 autocast;
   ``excise-ekfac-chosen``: EK-FAC at the damping chosen on data by
   ``attribution.damping_search`` (its defaults; ``excise attribute --choose-damping``).
 - ``excise-ekfac-cg<k>``: EK-FAC scores refined by k iterations of EK-FAC-preconditioned
@@ -68,22 +71,34 @@ Method = Callable[[Any, Sequence[nn.Module]], torch.Tensor]
 
 
 def excise_scores(
-    setting, model: nn.Module, strategy: str, fisher: str, cg: int = 0, preconditioned=True
+    setting,
+    model: nn.Module,
+    strategy: str,
+    fisher: str,
+    cg: int = 0,
+    preconditioned=True,
+    **options: Any,
 ) -> torch.Tensor:
     """excise's pairwise scores [n_query, n_train] on one model (``cg`` iterations of
-    conjugate gradient on the exact damped curvature; ``preconditioned`` by the factors)."""
+    conjugate gradient on the exact damped curvature; ``preconditioned`` by the factors;
+    ``options``: other ``FactorArguments`` fields, ``autocast`` used for the scores too)."""
     from attribution import ScoreArguments
 
-    factors = excise_factors(setting, model, strategy, fisher)
+    factors = excise_factors(setting, model, strategy, fisher, **options)
     arguments = ScoreArguments(
-        batch_size=BATCH_SIZE, cg_iterations=cg, cg_preconditioned=preconditioned
+        batch_size=BATCH_SIZE,
+        cg_iterations=cg,
+        cg_preconditioned=preconditioned,
+        autocast=options.get("autocast", "none"),
     )
     return excise_pairwise(setting, model, factors, arguments)
 
 
-def excise_factors(setting, model: nn.Module, strategy: str, fisher: str, modules=None):
+def excise_factors(
+    setting, model: nn.Module, strategy: str, fisher: str, modules=None, **options: Any
+):
     """excise's factors of ``model`` on the setting's training set (``modules``: instead of
-    the setting's)."""
+    the setting's; ``options``: other ``FactorArguments`` fields)."""
     from attribution import FactorArguments, fit_factors
 
     arguments = FactorArguments(
@@ -91,6 +106,7 @@ def excise_factors(setting, model: nn.Module, strategy: str, fisher: str, module
         fisher=fisher,
         modules=modules or setting.modules,
         batch_size=BATCH_SIZE,
+        **options,
     )
     return fit_factors(model, setting.task, setting.train, arguments, progress=False)
 
@@ -105,9 +121,11 @@ def excise_pairwise(setting, model: nn.Module, factors, arguments) -> torch.Tens
     return scores.total.double()
 
 
-def _excise(strategy: str, fisher: str = "empirical", cg: int = 0, preconditioned=True) -> Method:
+def _excise(
+    strategy: str, fisher: str = "empirical", cg: int = 0, preconditioned=True, **options: Any
+) -> Method:
     return lambda setting, models: excise_scores(
-        setting, models[0], strategy, fisher, cg, preconditioned
+        setting, models[0], strategy, fisher, cg, preconditioned, **options
     )
 
 
@@ -387,6 +405,10 @@ METHODS: dict[str, Method] = {
     "excise-kfac": _excise("kfac"),
     "excise-ekfac": _excise("ekfac"),
     "excise-ekfac-true": _excise("ekfac", "true"),
+    # cheaper estimators (issue 17): Λ on an evenly spaced quarter; bfloat16 passes
+    "excise-ekfac-lambda25": _excise("ekfac", lambda_fraction=0.25),
+    "excise-ekfac-true-lambda25": _excise("ekfac", "true", lambda_fraction=0.25),
+    "excise-ekfac-bf16": _excise("ekfac", autocast="bfloat16"),
     "excise-ekfac-chosen": excise_chosen_damping,
     "excise-ekfac-ensemble": excise_ensemble,
     "excise-ekfac-cg5": _excise("ekfac", cg=5),

@@ -31,6 +31,7 @@ FACTOR_FIELDS = (
     "fisher",
     "dtype",
     "autocast",
+    "lambda_fraction",
 )  # FactorArguments' fields on the command line
 
 

@@ -177,3 +177,50 @@ def test_nan_weights_are_refused_with_a_clear_error():
         model.blocks[1].weight[0, 0] = float("inf")
     with pytest.raises(NonFiniteError, match="NaN or infinite"):
         fit(model, random_examples(4))
+
+
+def test_lambda_on_a_share_is_the_mean_over_the_evenly_spaced_examples():
+    """Λ fitted on a fraction equals the float64 reference E_{z ∈ share}[(Q_Sᵀ G_z Q_A)²]
+    in the eigenbasis of every example's covariances; the covariances are untouched."""
+    model = tiny_llama()
+    examples = random_examples(10, seed=8)
+    full, share = fit(model, examples), fit(model, examples, lambda_fraction=0.35)
+    chosen = [examples[k * 10 // 4] for k in range(4)]  # n = round(3.5) = 4: ⌊k·10/4⌋
+    modules = select_modules(model, share.modules)
+    grads = per_example_gradients_func(model, TASK, TASK.collate(chosen), modules)
+    for module in share.modules:
+        t = full.tensors[module]
+        for key in ("activation_covariance", "gradient_covariance"):
+            assert torch.equal(share.tensors[module][key], t[key])
+        rotated = t["gradient_eigenvectors"].T @ grads[module] @ t["activation_eigenvectors"]
+        torch.testing.assert_close(share.tensors[module]["lambda"], (rotated**2).mean(0))
+    first = share.modules[0]  # negative control: the share's Λ is not every example's
+    difference = full.tensors[first]["lambda"] - share.tensors[first]["lambda"]
+    assert difference.abs().max() > 1e-3 * full.tensors[first]["lambda"].abs().max()
+    assert share.work["lambda"]["examples_per_rank"] == "[4]"
+
+
+def test_evenly_spaced_share_indexes_like_a_list():
+    from attribution.curvature import EvenlySpaced
+
+    share = EvenlySpaced.share(list(range(100)), 0.1)
+    assert list(share) == list(range(0, 100, 10))
+    assert share[2:5] == [20, 30, 40] and share[-1] == 90
+    assert len(EvenlySpaced.share(list(range(3)), 0.01)) == 1  # never empty
+    with pytest.raises(IndexError):
+        share[10]
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, -0.2, float("nan"), "half", True])
+def test_bad_lambda_fractions_are_refused(bad):
+    from attribution import InputError
+
+    with pytest.raises(InputError, match="lambda_fraction"):
+        FactorArguments(lambda_fraction=bad)
+
+
+def test_lambda_fraction_is_refused_without_lambda():
+    from attribution import InputError
+
+    with pytest.raises(InputError, match="applies to ekfac only"):
+        FactorArguments(strategy="kfac", lambda_fraction=0.5)

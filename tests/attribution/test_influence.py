@@ -202,3 +202,42 @@ def test_stored_scores_resume_by_partition_and_refuse_other_data(tmp_path, monke
     assert metadata["examples_resumed"] == "3"  # part 0, from the killed run
     with pytest.raises(FactorMismatchError, match="other training data"):
         stored_pairwise_scores(model, TASK, queries, train[:5], factors, tmp_path / "s", arguments)
+
+
+class TwiceLM(torch.nn.Module):
+    """One Linear applied twice (a shared layer), then a head: two calls per pass."""
+
+    def __init__(self, vocab: int = 23, width: int = 5):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.shared = torch.nn.Linear(width, width)
+        self.head = torch.nn.Linear(width, vocab, bias=False)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = torch.tanh(self.shared(self.embed(input_ids)))
+        return self.head(torch.tanh(self.shared(h)))
+
+
+def test_a_module_called_twice_scores_its_summed_gradient():
+    """The scoring pass sees a shared layer's two calls one at a time: its scores equal
+    the float64 reference with the layer's whole gradient, and its per-token scores
+    hold both calls side by side (2 × the sequence), summing to the total."""
+    torch.manual_seed(0)
+    model = TwiceLM().double().eval()
+    train, queries = random_examples(5, seed=11), random_examples(2, seed=12)
+    arguments = FactorArguments(fisher="empirical", dtype="float64", modules=("shared", "head"))
+    factors = fit_factors(model, TASK, train, arguments)
+    modules = select_modules(model, factors.modules)
+    train_grads, query_grads = flat_gradients(model, train, modules), {}
+    for name, grads in flat_gradients(model, queries, modules).items():
+        dense = dense_approximation(factors, name)
+        damped = dense + factors.damping(name) * torch.eye(dense.shape[0], dtype=dense.dtype)
+        query_grads[name] = torch.linalg.solve(damped, grads.T).T
+    expected = sum(query_grads[n] @ train_grads[n].T for n in modules)
+    detailed = pairwise_scores(
+        model, TASK, queries, train, factors, ScoreArguments(dtype="float64", per_token=True)
+    )
+    torch.testing.assert_close(detailed.total, expected)
+    longest = max(len(e["input_ids"]) for e in train)
+    assert detailed.per_token.shape[-1] == 2 * longest
+    torch.testing.assert_close(detailed.per_token.sum(-1), expected)

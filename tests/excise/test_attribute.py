@@ -84,6 +84,19 @@ def test_a_rerun_reuses_factors_and_scores(files, tmp_path):
     assert_exit_2(attribute(files, out, "--strategy", "ekfac"))
 
 
+def test_lambda_fraction_fits_lambda_on_a_share_and_is_recorded(files, tmp_path):
+    from attribution import Factors
+
+    out = tmp_path / "share"
+    assert attribute(files, out, "--lambda-fraction", "0.5") == 0
+    assert Factors.load(out / "factors").arguments.lambda_fraction == 0.5
+    with safe_open(out / "factors" / "lambda.safetensors", "pt") as handle:
+        assert handle.metadata()["examples_per_rank"] == str([files["n_train"] // 2])
+    with safe_open(out / "factors" / "covariance.safetensors", "pt") as handle:
+        assert handle.metadata()["examples_per_rank"] == str([files["n_train"]])
+    assert_exit_2(attribute(files, out))  # the folder's factors were fitted otherwise
+
+
 def test_factors_reused_from_another_folder_and_refused_for_another_model(
     files, tmp_path, tiny_world
 ):
@@ -131,6 +144,8 @@ def assert_one_line_message(stderr, message):
         (["--query-rank", "0"], "query_rank must be >= 1"),
         (["--cg-iterations", "-1"], "cg_iterations must be an integer >= 0"),
         (["--cg-curvature", "newton"], "invalid choice"),
+        (["--lambda-fraction", "2"], "lambda_fraction must be in (0, 1]"),
+        (["--lambda-fraction", "0.5", "--strategy", "kfac"], "applies to ekfac only"),
         (["--cg-iterations", "2", "--self"], "--self with --cg-iterations"),
         (["--choose-damping", "--damping", "0.1"], "--choose-damping with --damping"),
         (["--choose-damping", "--damping-factor", "1"], "--choose-damping with --damping"),
