@@ -28,6 +28,12 @@ scores = Q̃ Z̃ᵀ, Q̃ the query's gradient through the same map. Two compress
 into the index: scores with another damping are refused. ``identity`` factors have no
 eigenvalues to scale by and are refused.
 
+``storage`` float16 or bfloat16 keeps the vectors in 16 bits (half the disk and half the
+memory the product reads; rounding of relative size 2⁻¹¹ or 2⁻⁸ per coordinate); they are
+computed, and upcast for the product, in ``dtype``. With EK-FAC, Λ = E[R_z²], so a stored
+coordinate has mean square Λ/(Λ + λ) ≤ 1 over the training set: well inside float16's
+range (a vector that overflows it is refused).
+
 >>> projection_shape(64, 256, 1024), projection_shape(64, 256, None)
 ((16, 64), (64, 256))
 >>> lam, r_q, r_z = torch.tensor([4.0, 1.0]), torch.tensor([2.0, 1.0]), torch.tensor([1.0, 3.0])
@@ -58,6 +64,7 @@ from attribution.distributed import broadcast, current_shard, gather, on_main, w
 from attribution.errors import (
     FactorMismatchError,
     InputError,
+    NonFiniteError,
     check_choice,
     check_positive_ints,
 )
@@ -67,6 +74,8 @@ from attribution.store import IndexStore
 from attribution.task import Task, batches
 
 METHODS = ("eigen", "projection")
+STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CHUNK_FLOATS = 1 << 20  # stored floats upcast at a time by index_scores (4 MB in float32)
 INDEXABLE = ("diagonal", "kfac", "ekfac")  # strategies with eigenvalues to scale by
 
 
@@ -92,7 +101,16 @@ class IndexArguments:
         default=1, metadata={"help": "parts of the range built, each saved when done"}
     )
     dtype: str = field(
-        default="float32", metadata={"help": "float32 or float64: gradients and stored vectors"}
+        default="float32", metadata={"help": "float32 or float64: gradients, vectors and scores"}
+    )
+    storage: str | None = field(
+        default=None,  # None: as dtype (and what an index built before this field holds)
+        metadata={
+            "help": "precision the vectors are stored in: float16 or bfloat16 halve the disk "
+            "and the product's memory traffic (computed, and multiplied after upcasting, in the "
+            "gradients' dtype; default: that dtype, float32)",
+            "choices": tuple(STORAGE),
+        },
     )
     damping: Damping = field(
         default_factory=Damping, metadata={"help": "λ of (G + λI)⁻¹, baked into the index"}
@@ -105,6 +123,8 @@ class IndexArguments:
         check_choice("IndexArguments", "method", self.method, METHODS)
         if self.dtype not in DTYPES:
             raise InputError(f"IndexArguments.dtype must be float32 or float64, got {self.dtype!r}")
+        if self.storage is not None:
+            check_choice("IndexArguments", "storage", self.storage, tuple(STORAGE))
         check_positive_ints(
             "IndexArguments", {"batch_size": self.batch_size, "partitions": self.partitions}
         )
@@ -118,6 +138,11 @@ class IndexArguments:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """The stored vectors' dtype: ``storage``, else ``dtype``."""
+        return self.torch_dtype if self.storage is None else STORAGE[self.storage]
 
 
 @dataclass(frozen=True)
@@ -182,8 +207,21 @@ class Index:
         return [by_range[r] for r in chosen]
 
     def vectors(self) -> torch.Tensor:
-        """Every training example's vector, [n_train, floats per example]."""
+        """Every training example's vector, [n_train, floats per example], as stored."""
         return torch.cat([part.load() for part in self.complete_parts()])
+
+    def in_memory(self) -> Index:
+        """This index with every part's vectors read into memory (for repeated queries;
+        :func:`index_scores` otherwise reads the parts from disk on each call)."""
+        parts = [IndexPart(p.start, p.stop, vectors=p.load()) for p in self.complete_parts()]
+        return Index(
+            self.arguments,
+            self.factor_arguments,
+            self.bases,
+            self.n_train,
+            parts,
+            self.description,
+        )
 
     @classmethod
     def load(cls, folder: str | Path, model: nn.Module | None = None) -> Index:
@@ -311,7 +349,7 @@ def build_index(
         low, high = shard.bounds(first, last)
         vectors = part_vectors(model, task, train, modules, bases, arguments, low, high, progress)
         shares = gather(vectors, shard)
-        vectors = torch.cat(shares)
+        vectors = _stored_as(torch.cat(shares), arguments, first, last)
         if path is None:
             parts.append(IndexPart(first, last, vectors=vectors))
             continue
@@ -381,6 +419,8 @@ def index_scores(
     ``damping``: None (the index's) or the damping asked for, refused unless it is the
     index's (it is baked into the stored vectors). At full dimension this equals
     :func:`attribution.influence.pairwise_scores` with the index's factors and damping.
+    Vectors stored in 16 bits are upcast to ``dtype`` a chunk of rows at a time
+    (``CHUNK_FLOATS``), never the whole [n_train, floats] matrix at once.
     """
     if damping is not None and Damping.of(damping) != index.arguments.damping:
         raise FactorMismatchError(
@@ -390,9 +430,13 @@ def index_scores(
     parts = index.complete_parts()
     query = query_vectors(model, task, queries, index, batch_size, progress)  # [q, floats]
     scores = torch.empty(query.shape[0], index.n_train, dtype=query.dtype)
+    rows = max(1, CHUNK_FLOATS // max(1, query.shape[1]))  # training examples per chunk
     for part in parts:
-        vectors = part.load().to(query.device, query.dtype)  # [part, floats]
-        scores[:, part.start : part.stop] = (query @ vectors.T).cpu()
+        vectors = part.load()  # [part, floats], as stored
+        for low in range(0, len(vectors), rows):
+            chunk = vectors[low : low + rows].to(query.device, query.dtype)  # [≤ rows, floats]
+            start = part.start + low
+            scores[:, start : start + len(chunk)] = (query @ chunk.T).cpu()
     return scores
 
 
@@ -428,6 +472,18 @@ def _compress(record, basis: Mapping[str, torch.Tensor]) -> torch.Tensor:
     if "keep" in basis:
         return scaled.flatten(1)[:, basis["keep"]]
     return (basis["p_s"] @ scaled @ basis["p_a"].T).flatten(1)  # [b, r_s·r_a]
+
+
+def _stored_as(vectors: torch.Tensor, arguments: IndexArguments, start: int, stop: int):
+    """``vectors`` (computed in ``dtype``) in the storage precision; refused if they
+    overflow it."""
+    stored = vectors.to(arguments.storage_dtype)
+    if vectors.isfinite().all() and not stored.isfinite().all():
+        raise NonFiniteError(
+            f"the vectors of training examples [{start}, {stop}) overflow {arguments.storage}; "
+            "store them in bfloat16 or float32"
+        )
+    return stored
 
 
 def _stored(basis: Mapping[str, torch.Tensor]) -> int:

@@ -281,9 +281,11 @@ def fit_kronfluence_factors(
     fisher: str,
     name: str,
     amp: torch.dtype | None = None,
+    **options: Any,
 ) -> dict[str, float]:
     """kronfluence's factor stages in float32 (eigendecomposition in float64), timed;
-    ``amp``: its autocast dtype for the forward and backward passes (None: off).
+    ``amp``: its autocast dtype for the forward and backward passes (None: off);
+    ``options``: other fields of its ``FactorArguments`` (e.g. ``lambda_max_examples``).
 
     A stage the strategy does not need returns at once (``identity``: all three), after
     saving the factor arguments the score stages look for.
@@ -299,6 +301,7 @@ def fit_kronfluence_factors(
         eigendecomposition_dtype=torch.float64,
         per_sample_gradient_dtype=torch.float32,
         lambda_dtype=torch.float32,
+        **options,
     )
     common = {"factors_name": name, "factor_args": arguments, "overwrite_output_dir": True}
     seconds = {}

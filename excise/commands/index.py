@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from attribution import Damping, Factors, LanguageModelingTask, fit_factors
+from attribution import Damping, FactorArguments, Factors, LanguageModelingTask, fit_factors
 from attribution.artifacts import artifact_kind, atomic_directory, check_output_folder
+from attribution.damping_search import SearchArguments
 from attribution.distributed import broadcast, current_shard, on_main
 from attribution.index import INDEXABLE, Index, IndexArguments, build_index, index_scores
+from attribution.influence import ScoreArguments
 from attribution.store import ScoreStore, examples_sha256
 from excise.commands.inputs import check_length, factor_arguments_of
 from excise.errors import BadInputError
@@ -36,25 +39,65 @@ from excise.outputs import check_apart
 from excise.streaming import open_records
 
 KIND = "gradient-index"
-INDEX_FIELDS = ("dimension", "method")  # IndexArguments' fields given on the command line
-# excise attribute's options an index cannot honour: (attribute name, flag, is it given?)
+INDEX_FIELDS = ("dimension", "method", "storage")  # IndexArguments' fields on the command line
+# Why excise attribute's options cannot be honoured with --index, per option (below)
+ONE_MODEL = "an index gives only total pairwise scores of one model, from exact query gradients"
+FIXED_FACTORS = "the index fixes the factors (strategy, Fisher, modules) it was built with"
+FIXED_PRECISION = "the index's vectors were computed in the precision it was built with"
+BAKED_DAMPING = "the index's damping is baked into its vectors"
+NO_CG = "the index scores with its factors' solution, not by conjugate gradient"
+NO_PASS = "the index is built: nothing is fitted or passed over in parts"
+SEARCH_FIELDS = ("perturbations", "steps", "learning_rate", "optimizer", "margin")  # --search-*
+
+
+def _changed(cls: type, name: str):
+    """Whether an option of ``cls``'s field ``name`` was given: it differs from the default
+    (the value the parser fills in when the option is absent)."""
+    default = next(f.default for f in fields(cls) if f.name == name)
+    return lambda value: value != default
+
+
+def _is_set(value: Any) -> bool:
+    return value is not None
+
+
+# excise attribute's options an index cannot honour: (attribute name, flag, is it given?, why)
 INCOMPATIBLE = (
-    ("cg_iterations", "--cg-iterations", bool),
-    ("per_token", "--per-token", bool),
-    ("per_module", "--per-module", bool),
-    ("choose_damping", "--choose-damping", bool),
-    ("ensemble", "--ensemble", bool),
-    ("self_influence", "--self", bool),
-    ("query_rank", "--query-rank", lambda value: value is not None),
-    ("factors", "--factors", lambda value: value is not None),
-    ("modules", "--modules", lambda value: value is not None),
+    ("per_token", "--per-token", bool, ONE_MODEL),
+    ("per_module", "--per-module", bool, ONE_MODEL),
+    ("self_influence", "--self", bool, ONE_MODEL),
+    ("query_rank", "--query-rank", _is_set, ONE_MODEL),
+    ("ensemble", "--ensemble", bool, ONE_MODEL),
+    ("factors", "--factors", _is_set, FIXED_FACTORS),
+    ("modules", "--modules", _is_set, FIXED_FACTORS),
+    ("factors.strategy", "--strategy", _changed(FactorArguments, "strategy"), FIXED_FACTORS),
+    ("factors.fisher", "--fisher", _changed(FactorArguments, "fisher"), FIXED_FACTORS),
+    ("factors.dtype", "--dtype", _changed(FactorArguments, "dtype"), FIXED_PRECISION),
+    ("factors.autocast", "--autocast", _changed(FactorArguments, "autocast"), FIXED_PRECISION),
+    (
+        "factors.lambda_fraction",
+        "--lambda-fraction",
+        _changed(FactorArguments, "lambda_fraction"),
+        FIXED_FACTORS,
+    ),
+    ("choose_damping", "--choose-damping", bool, BAKED_DAMPING),
+    *(
+        (
+            f"search.{f}",
+            f"--search-{f.replace('_', '-')}",
+            _changed(SearchArguments, f),
+            BAKED_DAMPING,
+        )
+        for f in SEARCH_FIELDS
+    ),
+    ("cg_iterations", "--cg-iterations", bool, NO_CG),
+    ("cg_curvature", "--cg-curvature", _changed(ScoreArguments, "cg_curvature"), NO_CG),
+    ("partitions", "--partitions", _is_set, NO_PASS),
 )
 
 
 def add_index_options(parser: argparse.ArgumentParser) -> None:
-    """--dimension and --method (IndexArguments)."""
-    from dataclasses import fields
-
+    """--dimension, --method and --storage (IndexArguments)."""
     skip = tuple(f.name for f in fields(IndexArguments) if f.name not in INDEX_FIELDS)
     add_options(parser, IndexArguments, "index", skip=skip)
 
@@ -68,6 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "index",
         seed=args.seed,
         batch_size=args.batch_size,
+        dtype=getattr(args, "factors.dtype"),  # the gradients and vectors, as the factors'
         damping=from_options(Damping, args, "damping"),
     )
     train = open_records(args.train)  # lazy when large
@@ -119,13 +163,12 @@ def _create(out: Path) -> None:
 
 
 def check_index_options(args: argparse.Namespace) -> None:
-    """Refuse, before any work, the options of ``excise attribute`` an index cannot honour."""
-    for name, flag, given in INCOMPATIBLE:
+    """Refuse, before any work, each option of ``excise attribute`` that was given and that
+    an index cannot honour (:data:`INCOMPATIBLE`; an option left at its default is not
+    given: ``--cg-iterations 0`` or ``--strategy ekfac`` pass, as when left out)."""
+    for name, flag, given, why in INCOMPATIBLE:
         if given(getattr(args, name, None)):
-            raise BadInputError(
-                f"--index with {flag}: an index gives pairwise scores with the factors it was "
-                f"built with; drop {flag} or --index"
-            )
+            raise BadInputError(f"--index with {flag}: {why}; drop {flag} or --index")
 
 
 def open_index(
@@ -210,7 +253,8 @@ def index_sentence(index: Index) -> str:
         for d, basis in zip(index.dimensions.values(), index.bases.values(), strict=True)
     )
     dimension = "full (exact)" if exact else f"{arguments.dimension} per module"
+    stored = str(arguments.storage_dtype).removeprefix("torch.")
     return (
         f"Scores from a gradient index (method {arguments.method}, dimension {dimension}, "
-        f"{index.floats_per_example} stored floats per training example)."
+        f"{index.floats_per_example} stored floats per training example, in {stored})."
     )

@@ -219,6 +219,56 @@ def test_identity_factors_and_bad_arguments_are_refused(setting):
         ({"method": "pca"}, "method must be one of eigen, projection"),
         ({"partitions": 0}, "partitions must be an integer >= 1"),
         ({"dtype": "float16"}, "dtype must be float32 or float64"),
+        ({"storage": "int8"}, "storage must be one of float32, float16, bfloat16; got 'int8'"),
     ):
         with pytest.raises(InputError, match=message):
             IndexArguments(**given)
+
+
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+def test_16_bit_storage_rounds_the_vectors_and_little_else(setting, storage):
+    """Vectors computed in dtype, stored in 16 bits, upcast for the product."""
+    model, train, queries, factors, _ = setting
+    full = build_index(model, TASK, train, factors, arguments(dimension=64))
+    half = build_index(model, TASK, train, factors, arguments(dimension=64, storage=storage))
+    stored = index_module.STORAGE[storage]
+    assert half.vectors().dtype == stored
+    torch.testing.assert_close(half.vectors(), full.vectors().to(stored), rtol=0, atol=0)
+    found = index_scores(model, TASK, queries, half)
+    expected = index_scores(model, TASK, queries, full)
+    assert found.dtype == torch.float64 and not torch.equal(found, expected)
+    assert pearson(found, expected) > 0.999
+
+
+def test_the_product_upcasts_a_chunk_at_a_time(setting, monkeypatch):
+    """Chunks across part boundaries give the same scores as one product."""
+    model, train, queries, factors, _ = setting
+    given = arguments(dimension=8, storage="float16", partitions=3)
+    index = build_index(model, TASK, train, factors, given)
+    whole = index_scores(model, TASK, queries, index)
+    monkeypatch.setattr(index_module, "CHUNK_FLOATS", 5 * index.floats_per_example)  # 5 rows
+    torch.testing.assert_close(index_scores(model, TASK, queries, index), whole)
+
+
+def test_an_index_from_before_the_storage_field_loads_as_stored(setting, tmp_path):
+    import json
+
+    model, train, queries, factors, _ = setting
+    built = build_index(model, TASK, train, factors, arguments(dimension=8), tmp_path / "i")
+    described = json.loads((tmp_path / "i" / "arguments.json").read_text())
+    del described["arguments"]["storage"]
+    (tmp_path / "i" / "arguments.json").write_text(json.dumps(described))
+    old = Index.load(tmp_path / "i", model)
+    assert old.arguments.storage is None and old.arguments.storage_dtype == torch.float64
+    torch.testing.assert_close(
+        index_scores(model, TASK, queries, old), index_scores(model, TASK, queries, built)
+    )
+
+
+def test_vectors_that_overflow_float16_are_refused(setting, monkeypatch):
+    model, train, _, factors, _ = setting
+    real = index_module.part_vectors
+    monkeypatch.setattr(index_module, "part_vectors", lambda *a, **k: real(*a, **k) * 1e6)
+    with pytest.raises(InputError, match=r"\[0, 24\) overflow float16; store them in bfloat16"):
+        build_index(model, TASK, train, factors, arguments(storage="float16"))
+    build_index(model, TASK, train, factors, arguments(storage="bfloat16"))  # its range is wider

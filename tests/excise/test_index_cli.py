@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from attribution.index import Index
 from excise.cli import main
 from excise.world import read_split
 from tests.excise.helpers import error_lines, write_jsonl
@@ -94,6 +95,35 @@ def test_a_compressed_projection_index_is_close_and_says_so(files, indexed, tmp_
     assert not (out / "factors").exists()  # --factors: none fitted
 
 
+def test_a_float16_index_halves_the_disk_and_scores_nearly_alike(files, indexed, tmp_path):
+    out = tmp_path / "half"
+    extra = ("--factors", str(indexed / "factors"), "--storage", "float16")
+    assert main(["index", *data(files), "--out", str(out), "--quiet", *extra]) == 0
+    name = "vectors.part-0-40.safetensors"
+    with safe_open(out / "index" / name, "pt") as handle:
+        assert handle.get_tensor("vectors").dtype == torch.float16
+    ratio = (out / "index" / name).stat().st_size / (indexed / "index" / name).stat().st_size
+    assert 0.49 < ratio < 0.51, ratio
+    assert attribute(files, tmp_path / "a", "--index", str(out)) == 0
+    assert attribute(files, tmp_path / "b", "--index", str(indexed)) == 0
+    half, full = scores_of(tmp_path / "a")[0], scores_of(tmp_path / "b")[0]
+    assert half.dtype == torch.float32 and not torch.equal(half, full)
+    for found, expected in zip(half, full, strict=True):
+        assert torch.corrcoef(torch.stack([found, expected]))[0, 1] > 0.999
+    assert (
+        "stored floats per training example, in float16)"
+        in (tmp_path / "a" / "summary.md").read_text()
+    )
+
+
+def test_dtype_float64_builds_the_index_in_float64(files, tmp_path):
+    out = tmp_path / "double"
+    assert main(["index", *data(files), "--out", str(out), "--quiet", "--dtype", "float64"]) == 0
+    with safe_open(out / "index" / "vectors.part-0-40.safetensors", "pt") as handle:
+        assert handle.get_tensor("vectors").dtype == torch.float64
+    assert Index.load(out / "index").arguments.dtype == "float64"
+
+
 def one_line_error(capsys, argv, message):
     try:
         code = main(argv)
@@ -109,6 +139,7 @@ def one_line_error(capsys, argv, message):
         (["--dimension", "0"], "dimension must be an integer >= 1 or None, got 0"),
         (["--dimension", "many"], "invalid"),
         (["--method", "pca"], "invalid choice"),
+        (["--storage", "int8"], "argument --storage: invalid choice: 'int8'"),
         (["--strategy", "identity"], "identity factors have none"),
         (["--factors", "/nonexistent/factors"], "not an excise factor folder"),
     ],
@@ -130,6 +161,18 @@ def test_bad_index_arguments_exit_2_and_write_nothing(files, tmp_path, capsys, e
         (["--ensemble", "elsewhere"], "--index with --ensemble"),
         (["--query-rank", "2"], "--index with --query-rank"),
         (["--modules", "lm_head"], "--index with --modules"),
+        (["--strategy", "kfac"], "--index with --strategy: the index fixes the factors"),
+        (["--fisher", "empirical"], "--index with --fisher: the index fixes the factors"),
+        (["--dtype", "float64"], "--index with --dtype: the index's vectors were computed"),
+        (["--autocast", "bfloat16"], "--index with --autocast: the index's vectors were"),
+        (["--partitions", "2"], "--index with --partitions: the index is built"),
+        (["--lambda-fraction", "0.5"], "--index with --lambda-fraction: the index fixes"),
+        (["--cg-curvature", "hessian"], "--index with --cg-curvature: the index scores with"),
+        (["--search-steps", "5"], "--index with --search-steps: the index's damping is baked"),
+        (["--search-perturbations", "4"], "--index with --search-perturbations"),
+        (["--search-learning-rate", "0.1"], "--index with --search-learning-rate"),
+        (["--search-optimizer", "sgd"], "--index with --search-optimizer"),
+        (["--search-margin", "1"], "--index with --search-margin"),
         (["--damping", "0.5"], "built with damping 0.1 × mean eigenvalue, this run asks 0.5"),
         (["--max-length", "32"], "built with --max-length None, this run asks 32"),
     ],
