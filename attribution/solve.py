@@ -10,12 +10,14 @@ empirical Fisher, the same seeded samples for the true Fisher),
     G v = (1/N) Σ_z G_z ⟨G_z, v⟩,     ⟨A, B⟩ = Σ_modules Σ_ij A_ij B_ij,
 
 one pass over the training set per product (every module's cross terms included, which
-the block-diagonal approximation leaves out). With ``curvature="hessian"``, G is instead
-the Hessian of the mean training loss with respect to the tracked parameters, H v by
-double backpropagation (what dattri's CG influence uses; it may be indefinite: a query
-whose direction has no positive curvature stops moving). Conjugate gradient on A = G + D, batched
-over queries (each query its own step sizes), with the fitted factors' damped inverse as
-the preconditioner M⁻¹ and warm-started from its solution x₀ = M⁻¹ b:
+the block-diagonal approximation leaves out; under ``torchrun`` each rank passes over its
+share and the products are all-reduced, so every rank takes the same CG steps). With
+``curvature="hessian"``, G is instead the Hessian of the mean training loss with respect
+to the tracked parameters, H v by double backpropagation (what dattri's CG influence
+uses; it may be indefinite: a query whose direction has no positive curvature stops
+moving). Conjugate gradient on A = G + D, batched over queries (each query its own step
+sizes), with the fitted factors' damped inverse as the preconditioner M⁻¹ and
+warm-started from its solution x₀ = M⁻¹ b:
 
     r₀ = b − A x₀,  z₀ = M⁻¹ r₀,  p₀ = z₀;
     αₖ = ⟨rₖ, zₖ⟩ / ⟨pₖ, A pₖ⟩,  xₖ₊₁ = xₖ + αₖ pₖ,  rₖ₊₁ = rₖ − αₖ A pₖ,
@@ -39,6 +41,7 @@ import torch
 from torch import nn
 
 from attribution.curvature import Damping, Factors, training_passes
+from attribution.distributed import all_reduce_sums, current_shard
 from attribution.errors import InputError
 from attribution.gradients import example_gradients
 from attribution.modules import from_parameter_gradients, select_modules, to_parameter_gradients
@@ -76,8 +79,10 @@ def curvature_product(
         return hessian_product(model, task, train, modules, vectors, factors.arguments, progress)
     arguments = factors.arguments
     result = {name: torch.zeros_like(v) for name, v in vectors.items()}
+    shard = current_shard()
+    low, high = shard.bounds(0, len(train))
     for _, records in training_passes(
-        model, task, train, arguments, modules, "lambda", 0, len(train), progress
+        model, task, train, arguments, modules, "lambda", low, high, progress
     ):
         gradients = {n: example_gradients(r).to(vectors[n].dtype) for n, r in records.items()}
         weights = sum(  # ⟨G_z, V_q⟩: [batch, n_q]
@@ -85,6 +90,7 @@ def curvature_product(
         )
         for name in vectors:
             result[name] += torch.einsum("bq,boi->qoi", weights, gradients[name])
+    all_reduce_sums(result, shard)
     return {name: value / max(len(train), 1) for name, value in result.items()}
 
 
@@ -105,13 +111,16 @@ def hessian_product(
     directions = [tangents[n][k].to(p.dtype) for (n, k), p in zip(owners, params, strict=True)]
     flags = [p.requires_grad for p in params]
     result = {name: torch.zeros_like(v) for name, v in vectors.items()}
+    shard = current_shard()
+    low, high = shard.bounds(0, len(train))
     try:
         for p in params:
             p.requires_grad_(True)
         with twice_differentiable(model), warnings.catch_warnings():
             # vmap over the double backward falls back to a loop for some ops: slower, exact
             warnings.filterwarnings("ignore", message="There is a performance drop")
-            for _, _, batch in batches(model, task, train, arguments.batch_size, "H v", progress):
+            shared = batches(model, task, train, arguments.batch_size, "H v", progress, low, high)
+            for _, _, batch in shared:
                 with torch.enable_grad():
                     loss = task.loss(model, batch).sum() / max(len(train), 1)
                     grads = torch.autograd.grad(loss, params, create_graph=True)
@@ -126,6 +135,7 @@ def hessian_product(
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
+    all_reduce_sums(result, shard)
     return result
 
 

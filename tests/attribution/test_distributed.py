@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from attribution import FactorArguments, LanguageModelingTask, fit_factors, self_scores
 from attribution.distributed import Shard, all_reduce_sums, current_shard, gather
 from attribution.index import Index, IndexArguments, build_index
-from attribution.influence import ScoreArguments, stored_pairwise_scores
+from attribution.influence import ScoreArguments, pairwise_scores, stored_pairwise_scores
 from attribution.store import FactorStore, IndexStore, ScoreStore
 
 from .models import random_examples, tiny_llama
@@ -29,6 +29,12 @@ N_TRAIN = 11  # odd: the shares differ by one
 FACTOR_ARGS = FactorArguments(strategy="ekfac", fisher="true", dtype="float64", partitions=2)
 SCORE_ARGS = ScoreArguments(dtype="float64", partitions=2, batch_size=3, per_module=True)
 INDEX_ARGS = IndexArguments(dimension=6, method="projection", dtype="float64", partitions=2)
+CG_ARGS = {
+    curvature: ScoreArguments(
+        dtype="float64", batch_size=3, cg_iterations=2, cg_curvature=curvature
+    )
+    for curvature in ("fisher", "hessian")
+}
 
 
 def _job(folder):
@@ -40,7 +46,11 @@ def _job(folder):
         model, TASK, queries, train, factors, folder / "scores", SCORE_ARGS
     )
     build_index(model, TASK, train, factors, INDEX_ARGS, folder / "index")
-    return factors, scores, self_scores(model, TASK, train, factors, SCORE_ARGS)
+    refined = {  # conjugate gradient: each curvature product is one shared training pass
+        curvature: pairwise_scores(model, TASK, queries, train, factors, arguments).total
+        for curvature, arguments in CG_ARGS.items()
+    }
+    return factors, scores, self_scores(model, TASK, train, factors, SCORE_ARGS), refined
 
 
 def _worker(rank, world_size, rendezvous, folder, redo_everything):
@@ -50,9 +60,10 @@ def _worker(rank, world_size, rendezvous, folder, redo_everything):
     try:
         if redo_everything:  # the bug the counts must catch: every rank does every example
             Shard.bounds = lambda self, start, stop: (start, stop)
-        _, scores, values = _job(folder)
+        _, scores, values, refined = _job(folder)
         if rank == 0:
-            torch.save({"total": scores.total, "self": values}, folder / "result.pt")
+            result = {"total": scores.total, "self": values, **refined}
+            torch.save(result, folder / "result.pt")
     finally:
         dist.destroy_process_group()
 
@@ -86,7 +97,7 @@ def runs(tmp_path_factory):
 
 
 def test_two_processes_fit_the_factors_of_one(runs):
-    _, (factors, _, _), two = runs
+    _, (factors, *_), two = runs
     store = FactorStore(two / "factors")
     for stage in ("covariance", "eigendecomposition", "lambda"):
         saved = store.load_nested(stage)
@@ -99,7 +110,7 @@ def test_two_processes_fit_the_factors_of_one(runs):
 
 
 def test_two_processes_give_the_scores_of_one(runs):
-    _, (_, scores, values), two = runs
+    _, (_, scores, values, _), two = runs
     result = torch.load(two / "result.pt", weights_only=True)
     torch.testing.assert_close(result["total"], scores.total, rtol=1e-8, atol=1e-10)
     saved = ScoreStore(two / "scores").load("pairwise")
@@ -107,6 +118,15 @@ def test_two_processes_give_the_scores_of_one(runs):
     for name, value in scores.per_module.items():
         torch.testing.assert_close(saved[f"module/{name}"], value, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(result["self"], values, rtol=1e-8, atol=1e-10)
+
+
+def test_two_processes_refine_by_conjugate_gradient_as_one(runs):
+    """Each CG product (Fisher or Hessian) is the ranks' shares all-reduced: the refined
+    scores equal one process's (a rank redoing the whole set would double the product)."""
+    _, (*_, refined), two = runs
+    result = torch.load(two / "result.pt", weights_only=True)
+    for curvature, expected in refined.items():
+        torch.testing.assert_close(result[curvature], expected, rtol=1e-8, atol=1e-10)
 
 
 def test_two_processes_build_the_index_of_one(runs):
