@@ -14,12 +14,14 @@ size and the model, not by the number of records.
 Where the copy goes: JSON Lines, JSON and CSV files are written as one JSON string per
 record (already validated and normalized), Parquet as its own Arrow batches, into a
 fresh temporary folder under ``$EXCISE_HOME/tmp`` that is removed when the table is
-collected or the process exits. Not ``datasets``' own ``from_json``/``from_csv``: their
-type inference changes values (a CSV id ``007`` becomes ``7``, a cell ``N/A`` becomes
-missing, integer and string ids in one JSON column share no type), and a table must equal
-``read_records`` record for record. Not the system's temporary folder either: it is
-often in memory (tmpfs), which would put the whole set back in RAM. The user's input is
-only read.
+collected or the process exits. A process killed outright (``kill -9``) cannot clean up,
+so each folder names its owner (host and process id) and the next table opened on that
+host removes the folders whose owner is gone. Not ``datasets``' own
+``from_json``/``from_csv``: their type inference changes values (a CSV id ``007``
+becomes ``7``, a cell ``N/A`` becomes missing, integer and string ids in one JSON column
+share no type), and a table must equal ``read_records`` record for record. Not the
+system's temporary folder either: it is often in memory (tmpfs), which would put the
+whole set back in RAM. The user's input is only read.
 
 :func:`open_records` picks: ``read_records``' plain list for a file smaller than
 ``$EXCISE_IN_MEMORY_BYTES`` (default 8 MiB: small runs skip the copy), a
@@ -32,6 +34,7 @@ import json
 import operator
 import os
 import shutil
+import socket
 import tempfile
 import weakref
 from collections.abc import Iterator, Sequence
@@ -45,6 +48,8 @@ from excise.records import checked_records, load_folder, normalize_record, read_
 __all__ = ["CHUNK", "IN_MEMORY_BYTES", "RecordTable", "open_records"]
 
 CHUNK = 1024  # records per Arrow batch written and per read while iterating
+SCRATCH_PREFIX = "records-"  # scratch folders under $EXCISE_HOME/tmp
+OWNER = "owner.json"  # in each: the host and process id that made it
 # Files smaller than this are read into a list (override: $EXCISE_IN_MEMORY_BYTES): below
 # ~8 MiB of JSON Lines (~60k short records) the list costs less than importing pyarrow
 # (~30 MB of resident memory; benchmarks/results/scaling.md).
@@ -89,8 +94,9 @@ class RecordTable(Sequence):
             table = _checked_folder(self.path).with_format("arrow")  # slices: pyarrow tables
             self._json = False
         else:
-            self._scratch = Path(tempfile.mkdtemp(prefix="records-", dir=_scratch_root()))
+            self._scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=_scratch_root()))
             weakref.finalize(self, shutil.rmtree, self._scratch, True)
+            _claim(self._scratch)
             try:
                 table = _copied(self.path, self._scratch / "records.arrow")
             except BaseException:
@@ -140,9 +146,46 @@ class RecordTable(Sequence):
 
 
 def _scratch_root() -> Path:
+    """``$EXCISE_HOME/tmp``, without the copies of processes that were killed."""
     root = excise_home() / "tmp"
     root.mkdir(parents=True, exist_ok=True)
+    remove_orphans(root)
     return root
+
+
+def _claim(folder: Path) -> None:
+    """Name this process as the owner of a scratch folder."""
+    owner = {"host": socket.gethostname(), "pid": os.getpid()}
+    (folder / OWNER).write_text(json.dumps(owner))
+
+
+def remove_orphans(root: Path) -> list[Path]:
+    """Remove, and return, the scratch folders under ``root`` whose owner ran on this host
+    and has exited (killed before it could clean up). A folder with no owner file (being
+    created) or another host's is left alone, as is any whose owner might be alive."""
+    removed = []
+    for folder in sorted(root.glob(SCRATCH_PREFIX + "*")):
+        try:
+            owner = json.loads((folder / OWNER).read_text())
+        except (OSError, ValueError):
+            continue
+        if owner.get("host") == socket.gethostname() and not _alive(owner.get("pid")):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: Any) -> bool:
+    """Whether process ``pid`` may still run here (unknown or not ours to signal: yes)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
 
 
 def _checked_folder(path: Path) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import gc
 import json
+import os
 import tracemalloc
 
 import pytest
@@ -169,6 +170,37 @@ def test_scratch_copies_are_removed(tmp_path, scratch_home):
     with pytest.raises(BadInputError):
         RecordTable(bad)
     assert list((scratch_home / "tmp").iterdir()) == []
+
+
+def test_copies_left_by_killed_processes_are_removed_when_a_table_opens(tmp_path, scratch_home):
+    """kill -9 skips the cleanup: the next table on this host removes folders whose owner
+    is gone, and leaves those of a live process, of another host, or without an owner."""
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    dead_pid, here = int(gone.stdout), socket.gethostname()
+    root = scratch_home / "tmp"
+    owners = {
+        "records-dead": {"host": here, "pid": dead_pid},
+        "records-alive": {"host": here, "pid": os.getpid()},
+        "records-elsewhere": {"host": here + "-other", "pid": dead_pid},
+    }
+    for name, owner in owners.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "records.arrow").write_bytes(b"x")
+        (root / name / "owner.json").write_text(json.dumps(owner))
+    (root / "records-unclaimed").mkdir()
+    table = RecordTable(write_format(tmp_path, "jsonl", mixed_rows(10)))
+    left = sorted(p.name for p in root.iterdir() if p != table._scratch)
+    assert left == ["records-alive", "records-elsewhere", "records-unclaimed"]
+    assert json.loads((table._scratch / "owner.json").read_text())["pid"] == os.getpid()
 
 
 def test_open_records_keeps_small_files_in_a_list(tmp_path, monkeypatch):
