@@ -159,7 +159,8 @@ def shared_records(records: Sequence[Any], others: Sequence[Any]) -> list[Any]:
     >>> shared_records(a, [{"id": "9", "prompt": "Q", "completion": " A"}])
     ['1']
     """
-    held = {trained_text(r) for r in others}
+    texts = {trained_text(r) for r in records}  # ``others`` is streamed, never held
+    held = {text for text in map(trained_text, others) if text in texts}
     return [
         r.get("id", r) if isinstance(r, Mapping) else r for r in records if trained_text(r) in held
     ]

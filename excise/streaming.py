@@ -30,6 +30,7 @@ whole set back in RAM. The user's input is only read.
 
 from __future__ import annotations
 
+import bisect
 import json
 import operator
 import os
@@ -143,6 +144,52 @@ class RecordTable(Sequence):
             return [json.loads(text) for text in table.column("record").to_pylist()]
         rows = table.to_pylist()
         return [normalize_record(row, start + i, self.path) for i, row in enumerate(rows)]
+
+
+def joined(*parts: Sequence[Any]) -> Sequence[Any]:
+    """The sequences end to end: a list when every part is one, else a lazy
+    :class:`Joined` (a factor fit over the forget and a streamed retain set).
+
+    >>> joined([1, 2], [3])
+    [1, 2, 3]
+    >>> rows = Joined([1, 2], (3, 4, 5))
+    >>> len(rows), rows[2], rows[-1], rows[1:4]
+    (5, 3, 5, [2, 3, 4])
+    """
+    if all(isinstance(part, list) for part in parts):
+        return [item for part in parts for item in part]
+    return Joined(*parts)
+
+
+class Joined(Sequence):
+    """Read-only sequences end to end; an item or a slice reads only what it covers."""
+
+    def __init__(self, *parts: Sequence[Any]):
+        self.parts = parts
+        self.starts = [0]
+        for part in parts:
+            self.starts.append(self.starts[-1] + len(part))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                return [self[i] for i in range(start, stop, step)]
+            items: list[Any] = []
+            for part, first in zip(self.parts, self.starts, strict=False):
+                low, high = max(start - first, 0), min(stop - first, len(part))
+                if low < high:
+                    items.extend(part[low:high])
+            return items
+        index = operator.index(key)
+        index = index + len(self) if index < 0 else index
+        if not 0 <= index < len(self):
+            raise IndexError(f"item {key} of {len(self)}")
+        part = bisect.bisect_right(self.starts, index) - 1
+        return self.parts[part][index - self.starts[part]]
 
 
 def _scratch_root() -> Path:

@@ -171,7 +171,7 @@ def check_sets(forget: Sequence[Any], retain: Sequence[Any]) -> None:
         raise InputError("the forget set is empty")
     if len(retain) == 0:
         raise InputError("the retain set is empty")
-    if _content(forget) == _content(retain):
+    if len(forget) == len(retain) and _content(forget) == _content(retain):
         raise InputError("the forget and retain sets are identical; nothing can be kept")
 
 

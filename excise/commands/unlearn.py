@@ -47,6 +47,7 @@ from excise.options import DAMPING_OPTIONS, FACTOR_FIELDS, add_options, from_opt
 from excise.outputs import check_new_output
 from excise.recipes import BY_METHOD, RECIPE_FIELDS, default_help, settings
 from excise.records import read_records
+from excise.streaming import joined, open_records
 from unlearn import (
     METHODS,
     ScopeArguments,
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
     """Validate everything, then unlearn and write OUT; returns the manifest."""
     options = arguments_from(args, has_holdout=args.holdout is not None, note=note)
     model_dir = check_model_folder(args.model)
-    forget, retain = read_records(args.forget), read_records(args.retain)
+    forget, retain = read_records(args.forget), open_records(args.retain)  # retain: lazy if large
     check_sets(forget, retain)
     warnings = overlap_warnings({"forget": forget, "retain": retain})
     holdout = read_records(args.holdout) if args.holdout else None
@@ -216,7 +217,7 @@ def edit_model(
     needs_factors = options.scope.method == "ekfac" or METHODS[arguments.method].needs_factors
     if needs_factors and factors is None:
         factors = fit_factors(
-            model, task, list(forget) + list(retain), options.factors, factor_folder, progress
+            model, task, joined(forget, retain), options.factors, factor_folder, progress
         )
     if reference is not None and arguments.forget_target is None and criterion is None:
         target = measure(reference, task, forget, arguments.batch_size)
