@@ -43,6 +43,7 @@ from scipy.stats import rankdata
 from torch import nn
 
 from attribution.curvature import DAMPING_FACTOR, Damping, Factors
+from attribution.distributed import current_shard, gather
 from attribution.errors import InputError, NonFiniteError, check_positive_ints
 from attribution.influence import QueryGradients, ScoreArguments, pairwise_scores, query_gradients
 from attribution.modules import select_modules
@@ -213,21 +214,26 @@ def perturbation_responses(
     progress: bool | None = None,
 ) -> torch.Tensor:
     """Δ_k(q) [K, n_probes]: the probes' loss change after fine-tuning the tracked
-    modules on each half; the model is restored exactly after each."""
+    modules on each half; the model is restored exactly after each. Under ``torchrun``
+    each rank fine-tunes a contiguous share of the halves (each seeded by its k, so the
+    rank does not matter) and the rows are gathered in order."""
     params = [p for m in select_modules(model, factors.modules).values() for p in m.parameters()]
     before = probe_losses(model, task, probes, search.batch_size)
-    responses = []
+    shard = current_shard()
+    low, high = shard.bounds(0, len(masks))
+    responses = [before.new_zeros(0, len(before))]  # this rank's rows, none if its share is empty
     with only_trainable(model, params):
         saved = [p.detach().clone() for p in params]
-        for k in progress_bar(range(len(masks)), "damping search", progress):
+        for k in progress_bar(range(low, high), "damping search", progress):
             try:
                 fine_tune(model, task, train, masks[k], params, search, search.seed + k + 1)
-                responses.append(probe_losses(model, task, probes, search.batch_size) - before)
+                change = probe_losses(model, task, probes, search.batch_size) - before
+                responses.append(change[None])
             finally:
                 with torch.no_grad():
                     for p, value in zip(params, saved, strict=True):
                         p.copy_(value)
-    result = torch.stack(responses)
+    result = torch.cat(gather(torch.cat(responses), shard))  # probe losses are on the CPU
     if not torch.isfinite(result).all():
         raise NonFiniteError(
             "the damping search's fine-tuning made a probe loss non-finite; lower its learning rate"

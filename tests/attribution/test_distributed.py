@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from attribution import FactorArguments, LanguageModelingTask, fit_factors, self_scores
+from attribution.damping_search import SearchArguments, choose_damping
 from attribution.distributed import Shard, all_reduce_sums, current_shard, gather
 from attribution.index import Index, IndexArguments, build_index
 from attribution.influence import ScoreArguments, pairwise_scores, stored_pairwise_scores
@@ -29,6 +30,7 @@ N_TRAIN = 11  # odd: the shares differ by one
 FACTOR_ARGS = FactorArguments(strategy="ekfac", fisher="true", dtype="float64", partitions=2)
 SCORE_ARGS = ScoreArguments(dtype="float64", partitions=2, batch_size=3, per_module=True)
 INDEX_ARGS = IndexArguments(dimension=6, method="projection", dtype="float64", partitions=2)
+SEARCH_ARGS = SearchArguments(perturbations=5, steps=3, batch_size=2)  # 5 halves: 2 + 3
 CG_ARGS = {
     curvature: ScoreArguments(
         dtype="float64", batch_size=3, cg_iterations=2, cg_curvature=curvature
@@ -37,8 +39,9 @@ CG_ARGS = {
 }
 
 
-def _job(folder):
-    """Factors, stored pairwise scores and self-influence of the tiny model, in ``folder``."""
+def _job(folder, refine=True):
+    """Factors, stored pairwise scores and self-influence of the tiny model, in ``folder``;
+    with ``refine``, CG-refined scores and the damping search's agreements too."""
     model = tiny_llama()
     train, queries = random_examples(N_TRAIN, seed=3), random_examples(3, seed=4)
     factors = fit_factors(model, TASK, train, FACTOR_ARGS, folder / "factors")
@@ -46,10 +49,14 @@ def _job(folder):
         model, TASK, queries, train, factors, folder / "scores", SCORE_ARGS
     )
     build_index(model, TASK, train, factors, INDEX_ARGS, folder / "index")
+    if not refine:
+        return factors, scores, self_scores(model, TASK, train, factors, SCORE_ARGS), {}
     refined = {  # conjugate gradient: each curvature product is one shared training pass
         curvature: pairwise_scores(model, TASK, queries, train, factors, arguments).total
         for curvature, arguments in CG_ARGS.items()
     }
+    search = choose_damping(model, TASK, train, queries, factors, SEARCH_ARGS, SCORE_ARGS)
+    refined["search"] = torch.tensor([row["agreement"] for row in search.candidates])
     return factors, scores, self_scores(model, TASK, train, factors, SCORE_ARGS), refined
 
 
@@ -60,7 +67,7 @@ def _worker(rank, world_size, rendezvous, folder, redo_everything):
     try:
         if redo_everything:  # the bug the counts must catch: every rank does every example
             Shard.bounds = lambda self, start, stop: (start, stop)
-        _, scores, values, refined = _job(folder)
+        _, scores, values, refined = _job(folder, refine=not redo_everything)
         if rank == 0:
             result = {"total": scores.total, "self": values, **refined}
             torch.save(result, folder / "result.pt")
@@ -120,9 +127,11 @@ def test_two_processes_give_the_scores_of_one(runs):
     torch.testing.assert_close(result["self"], values, rtol=1e-8, atol=1e-10)
 
 
-def test_two_processes_refine_by_conjugate_gradient_as_one(runs):
+def test_two_processes_refine_by_conjugate_gradient_and_search_damping_as_one(runs):
     """Each CG product (Fisher or Hessian) is the ranks' shares all-reduced: the refined
-    scores equal one process's (a rank redoing the whole set would double the product)."""
+    scores equal one process's (a rank redoing the whole set would double the product);
+    the damping search's fine-tuned halves are shared and gathered in order, so every
+    candidate's agreement equals one process's."""
     _, (*_, refined), two = runs
     result = torch.load(two / "result.pt", weights_only=True)
     for curvature, expected in refined.items():
