@@ -6,7 +6,9 @@ Mean gradients are of the per-example summed completion NLL (the task's loss):
 
     ḡ = (1/n) Σᵢ ∇θ ℓ(zᵢ)
 
-computed with ``torch.autograd.grad`` (the model's ``.grad`` fields are never touched).
+computed with ``torch.autograd.grad`` (the model's ``.grad`` fields are never touched);
+under ``torchrun`` each rank sums its share of the examples and the sums are
+all-reduced, so every rank has the same ḡ.
 
 >>> import torch
 >>> net = torch.nn.Linear(2, 1, bias=False)
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from attribution.curvature import Damping, Factors
+from attribution.distributed import all_reduce_sums, current_shard
 from attribution.errors import InputError, NonFiniteError
 from attribution.modules import from_parameter_gradients, to_parameter_gradients
 from attribution.task import Task, batches
@@ -55,18 +58,27 @@ def mean_gradient(
         raise InputError(f"no examples to take the {desc} of")
     params = trainable(model)
     names, tensors = list(params), list(params.values())
-    total = [
-        torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in tensors
-    ]
-    for first, last, batch in batches(model, task, examples, batch_size, desc, progress):
+    total = {
+        n: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+        for n, p in params.items()
+    }
+    shard = current_shard()  # under torchrun: this rank's share, then the sums all-reduced
+    low, high = shard.bounds(0, len(examples))
+    failed = {"loss": torch.zeros((), device=tensors[0].device)}  # a non-finite loss seen
+    for first, last, batch in batches(model, task, examples, batch_size, desc, progress, low, high):
         value = task.loss(model, batch).sum() if loss is None else loss(batch, first, last)
         if not torch.isfinite(value):
-            raise NonFiniteError(f"the {desc} loss is not finite ({value.item()})")
+            failed["loss"] += 1
+            break
         grads = torch.autograd.grad(value, tensors, allow_unused=True)
-        for acc, g in zip(total, grads, strict=True):
+        for name, g in zip(names, grads, strict=True):
             if g is not None:
-                acc += g
-    return {n: acc / len(examples) for n, acc in zip(names, total, strict=True)}
+                total[name] += g
+    all_reduce_sums(failed, shard)  # every rank learns of it, so none waits for the others
+    if failed["loss"].item():
+        raise NonFiniteError(f"the {desc} loss is not finite")
+    all_reduce_sums(total, shard)
+    return {n: acc / len(examples) for n, acc in total.items()}
 
 
 def newton_direction(

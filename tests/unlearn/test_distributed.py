@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from attribution import FactorArguments, LanguageModelingTask, fit_factors
 from tests.attribution.models import random_examples, tiny_llama
 from unlearn import ScopeArguments, UnlearnArguments, choose_scope, unlearn
+from unlearn.importance import mean_gradient
 
 TASK = LanguageModelingTask(pad_id=0)
 FORGET, RETAIN = random_examples(8, seed=1), random_examples(16, seed=2)
@@ -41,10 +42,12 @@ def _edit(method, forget=FORGET):
 def _worker(rank, rendezvous, out, method, n_forget=None):
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
-        _, model, _, result = _edit(method, FORGET[:n_forget])
+        _, model, scope, result = _edit(method, FORGET[:n_forget])
+        shares = result.details["data_parallel"]
+        masks = {name: mask.clone() for name, mask in scope.masks.items()}
+        masks["retain gradient"] = mean_gradient(tiny_llama(), TASK, RETAIN, batch_size=3)
         torch.save(
-            {"state": model.state_dict(), "shares": result.details["data_parallel"]},
-            out / f"rank-{rank}.pt",
+            {"state": model.state_dict(), "shares": shares, "masks": masks}, out / f"rank-{rank}.pt"
         )
     finally:
         dist.destroy_process_group()
@@ -56,6 +59,14 @@ def test_two_processes_unlearn_the_weights_of_one(tmp_path, method):
     mp.spawn(_worker, args=(tmp_path / "rendezvous", tmp_path, method), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank-{r}.pt", weights_only=True) for r in (0, 1)]
     before = base.state_dict()
+    gradient = mean_gradient(tiny_llama(), TASK, RETAIN, batch_size=3)
+    for rank in ranks:  # the scope's mean gradients are shared among the ranks, all-reduced
+        shared = rank["masks"].pop("retain gradient")
+        assert shared.keys() == gradient.keys()
+        for name, value in gradient.items():
+            torch.testing.assert_close(shared[name], value, rtol=1e-9, atol=1e-12)
+        assert rank["masks"].keys() == scope.masks.keys()  # so the same masks
+        assert all(torch.equal(rank["masks"][n], m) for n, m in scope.masks.items())
     for name, value in alone.state_dict().items():
         for rank in ranks:  # every rank ends with the same model: the one-process one
             torch.testing.assert_close(rank["state"][name], value, rtol=1e-9, atol=1e-12)
