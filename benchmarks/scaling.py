@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     modes = [m.strip() for m in args.modes.split(",")]
     if not set(modes) <= {"stream", "list"}:
         parser.error(f"--modes {args.modes}: use stream and/or list")
+    machine = machine_info(threads=args.threads, peers=())  # its load average: at the start
     model = build_model(SCRATCH / "model")
     queries = write_records(SCRATCH / "queries.jsonl", N_QUERIES, seed=1)
     runs = []
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "description": "excise attribute (EK-FAC factors + pairwise scores of "
         f"{N_QUERIES} queries), tiny Llama, batch size {BATCH_SIZE}",
-        "machine": machine_info(threads=args.threads, peers=()),
+        "machine": machine,
         "runs": runs,
     }
     write_report(

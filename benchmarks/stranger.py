@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    machine = machine_info(args.threads, peers=())  # its load average: at the start
     seeds = [int(s) for s in args.seeds.split(",")]
     configs = SETS[args.set]
     worlds = []
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         "set": args.set,
         "worlds": worlds,
         "comparisons": comparisons,
-        "machine": machine_info(args.threads, peers=()),
+        "machine": machine,
         "seconds": time.perf_counter() - started,
     }
     folder = results_folder(args.results, quick=False)
