@@ -524,10 +524,16 @@ def finish(report: dict[str, Any], folder: Path) -> str:
     pairs += [("excise-ekfac-true", p) for p in others]
     pairs += [("excise-ekfac-chosen", "excise-ekfac")]
     pairs += [  # the cheaper estimators against the estimator they cut
-        ("excise-ekfac-lambda25", "excise-ekfac"),
-        ("excise-ekfac-true-lambda25", "excise-ekfac-true"),
-        ("excise-ekfac-bf16", "excise-ekfac"),
+        (f"excise-ekfac{fisher}-lambda{percent}", f"excise-ekfac{fisher}")
+        for fisher in ("", "-true")
+        for percent in (10, 25, 50)
     ]
+    pairs += [
+        (f"excise-ekfac{fisher}-lambda50-seed{seed}", f"excise-ekfac{fisher}")
+        for fisher in ("", "-true")
+        for seed in (1, 2)
+    ]
+    pairs += [("excise-ekfac-bf16", "excise-ekfac")]
     for r in report["results"]:
         for a, b in pairs:
             if a in r["methods"] and b in r["methods"]:

@@ -9,8 +9,10 @@ when training on z lowers the query's loss, score(q, z) ≈ ∇ℓ(q)ᵀ (G + λ
   (the data's labels) and the default damping 0.1 × mean eigenvalue per module;
   ``excise-ekfac-true``: the same with the true Fisher (labels sampled from the model);
   ``excise-ekfac-ensemble``: the mean of ``excise-ekfac`` over every given model;
-  ``excise-ekfac-lambda25`` / ``excise-ekfac-true-lambda25``: cheaper estimators, Λ
-  fitted on an evenly spaced quarter of the training set (``lambda_fraction`` 0.25);
+  ``excise-ekfac-lambda<p>`` / ``excise-ekfac-true-lambda<p>``: cheaper estimators, Λ
+  fitted on a random p % of the training set (``lambda_fraction``; p = 10, 25, 50; seed 0)
+  and ``…-lambda50-seed<k>`` on other random halves (k = 1, 2; with the true Fisher the
+  seed also draws the sampled labels);
   ``excise-ekfac-bf16``: forward and backward passes under bfloat16 autocast;
   ``excise-ekfac-chosen``: EK-FAC at the damping chosen on data by
   ``attribution.damping_search`` (its defaults; ``excise attribute --choose-damping``).
@@ -405,9 +407,22 @@ METHODS: dict[str, Method] = {
     "excise-kfac": _excise("kfac"),
     "excise-ekfac": _excise("ekfac"),
     "excise-ekfac-true": _excise("ekfac", "true"),
-    # cheaper estimators (issue 17): Λ on an evenly spaced quarter; bfloat16 passes
-    "excise-ekfac-lambda25": _excise("ekfac", lambda_fraction=0.25),
-    "excise-ekfac-true-lambda25": _excise("ekfac", "true", lambda_fraction=0.25),
+    # cheaper estimators (issue 17): Λ on a random share (seed 0; the half also with
+    # seeds 1 and 2, for the spread over shares); bfloat16 passes
+    **{
+        f"excise-ekfac{fisher}-lambda{percent}": _excise(
+            "ekfac", fisher.lstrip("-") or "empirical", lambda_fraction=percent / 100
+        )
+        for fisher in ("", "-true")
+        for percent in (10, 25, 50)
+    },
+    **{
+        f"excise-ekfac{fisher}-lambda50-seed{seed}": _excise(
+            "ekfac", fisher.lstrip("-") or "empirical", lambda_fraction=0.5, seed=seed
+        )
+        for fisher in ("", "-true")
+        for seed in (1, 2)
+    },
     "excise-ekfac-bf16": _excise("ekfac", autocast="bfloat16"),
     "excise-ekfac-chosen": excise_chosen_damping,
     "excise-ekfac-ensemble": excise_ensemble,

@@ -21,7 +21,7 @@ Variants (``--variants``):
 - ``ekfac``: both tools, the same estimator. Their scores are compared (Pearson and
   Spearman over all [16, N] entries; the issue's bar is Pearson ≥ 0.99).
 - ``ekfac-lambda-0.25``: a cheaper estimator, not the same one: Λ fitted on a quarter of
-  the training set, evenly spaced in excise (``FactorArguments.lambda_fraction``), the
+  the training set, a random quarter in excise (``FactorArguments.lambda_fraction``), the
   first quarter in kronfluence (``lambda_max_examples``, which takes the data's head).
   Its scores are compared with kronfluence's full ``ekfac`` scores like every row; its
   attribution quality (LDS) is measured in ``benchmarks.fidelity``.

@@ -179,13 +179,16 @@ def test_nan_weights_are_refused_with_a_clear_error():
         fit(model, random_examples(4))
 
 
-def test_lambda_on_a_share_is_the_mean_over_the_evenly_spaced_examples():
+def test_lambda_on_a_share_is_the_mean_over_its_random_examples():
     """Λ fitted on a fraction equals the float64 reference E_{z ∈ share}[(Q_Sᵀ G_z Q_A)²]
     in the eigenbasis of every example's covariances; the covariances are untouched."""
+    from attribution.curvature import RandomShare
+
     model = tiny_llama()
     examples = random_examples(10, seed=8)
-    full, share = fit(model, examples), fit(model, examples, lambda_fraction=0.35)
-    chosen = [examples[k * 10 // 4] for k in range(4)]  # n = round(3.5) = 4: ⌊k·10/4⌋
+    full, share = fit(model, examples), fit(model, examples, lambda_fraction=0.35, seed=3)
+    chosen = RandomShare.of(examples, 0.35, seed=3)[:]  # n = round(3.5) = 4
+    assert len(chosen) == 4
     modules = select_modules(model, share.modules)
     grads = per_example_gradients_func(model, TASK, TASK.collate(chosen), modules)
     for module in share.modules:
@@ -200,13 +203,16 @@ def test_lambda_on_a_share_is_the_mean_over_the_evenly_spaced_examples():
     assert share.work["lambda"]["examples_per_rank"] == "[4]"
 
 
-def test_evenly_spaced_share_indexes_like_a_list():
-    from attribution.curvature import EvenlySpaced
+def test_a_random_share_is_seeded_ordered_and_indexes_like_a_list():
+    from attribution.curvature import RandomShare
 
-    share = EvenlySpaced.share(list(range(100)), 0.1)
-    assert list(share) == list(range(0, 100, 10))
-    assert share[2:5] == [20, 30, 40] and share[-1] == 90
-    assert len(EvenlySpaced.share(list(range(3)), 0.01)) == 1  # never empty
+    examples = list(range(100))
+    share, again, other = (RandomShare.of(examples, 0.1, seed) for seed in (0, 0, 1))
+    assert len(share) == 10 and share[:] == again[:] and share[:] != other[:]
+    assert share[:] == sorted(set(share[:]))  # distinct, in the data's order
+    assert share[2:5] == share[:][2:5] and share[-1] == share[:][-1]
+    assert share[:] != list(range(0, 100, 10))  # not a stride
+    assert len(RandomShare.of(list(range(3)), 0.01, 0)) == 1  # never empty
     with pytest.raises(IndexError):
         share[10]
 
