@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_check.sh [OUT]        # OUT: default benchmarks/results/gpu
 #
 # Needs the project installed with its bench extra (kronfluence); writes OUT/gpu_tests.txt,
-# OUT/factors.{json,md}, OUT/forget.txt and OUT/timings.txt.
+# OUT/factors.{json,md}, OUT/pipeline.{json,md}, OUT/forget.txt and OUT/timings.txt.
 set -euo pipefail
 OUT=${1:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -25,6 +25,8 @@ stage() {  # stage NAME COMMAND...: run it, append its wall time to timings.txt
 stage "gpu tests" bash -c "python -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee '$OUT/gpu_tests.txt'"
 stage "factors b (excise vs kronfluence, cuda)" env EXCISE_BENCH_DEVICE=cuda \
   python -m benchmarks.factors --settings b --results "$OUT"
+stage "factors + pairwise at b (excise vs kronfluence, cuda)" env EXCISE_BENCH_DEVICE=cuda \
+  python -m benchmarks.pipeline --variants ekfac,bf16 --results "$OUT"
 stage "world large (training on cuda)" python -m excise world --size large --device cuda --quiet
 stage "excise forget, large world, bf16 attribution" bash -c \
   "python -m excise forget --size large --device cuda --out '$OUT/forget-run' 2>&1 | tee '$OUT/forget.txt'"

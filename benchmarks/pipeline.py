@@ -50,6 +50,7 @@ from safetensors.torch import load_file, save_file
 from benchmarks.common import (
     BATCH_SIZE,
     CACHE,
+    DEVICE,
     THREADS,
     Sequences,
     build_model,
@@ -182,8 +183,8 @@ def run_tool(tool: str, variant_name: str, out: Path, threads: int, n_train: int
     """Warm up, run the timed job, write ``result.json`` and ``scores.safetensors``."""
     torch.set_num_threads(threads)
     quiet_kronfluence()
-    model, modules = build_model(SETTING), tracked_modules(SETTING)
-    train_ids, query_ids = split(n_train)
+    model, modules = build_model(SETTING).to(DEVICE), tracked_modules(SETTING)  # cpu unless
+    train_ids, query_ids = split(n_train)  # EXCISE_BENCH_DEVICE says otherwise
     variant, job = VARIANTS[variant_name], JOBS[tool]
     job(model, modules, train_ids[:WARMUP_TRAIN], query_ids[:WARMUP_QUERIES], out / "warm", variant)
     before = cpu_snapshot()
@@ -191,13 +192,15 @@ def run_tool(tool: str, variant_name: str, out: Path, threads: int, n_train: int
     stages, scores = job(model, modules, train_ids, query_ids, fresh(out / "run"), variant)
     seconds = {**stages, "total": time.perf_counter() - started}
     cpu = cpu_use(before, cpu_snapshot())
-    save_file({"scores": scores.float().contiguous()}, out / "scores.safetensors")
+    save_file({"scores": scores.float().cpu().contiguous()}, out / "scores.safetensors")
     result = {
         "tool": tool,
         "variant": variant_name,
         "version": metadata.version(tool),
         "seconds": seconds,
         "peak_rss_mb": peak_rss_mb(),
+        "device": DEVICE,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if DEVICE != "cpu" else None,
         "cpu": cpu,
         "load_average": os.getloadavg(),
         "shape": list(scores.shape),
