@@ -469,14 +469,12 @@ class _ScoreVisitor(Visitor):
         calls = self.tokens.get(name)
         if not calls:
             return None
-        shape = next(iter(calls.values())).shape[:2]
-        return torch.cat(
-            [
-                calls[c] if c in calls else calls[next(iter(calls))].new_zeros(*shape, length)
-                for c, length in enumerate(self.lengths[name])
-            ],
-            dim=-1,
-        )
+        first = next(iter(calls.values()))  # [n_q, batch, seq]: the shape of a missing call
+        parts = [
+            calls[c] if c in calls else first.new_zeros(*first.shape[:2], length)
+            for c, length in enumerate(self.lengths[name])
+        ]
+        return torch.cat(parts, dim=-1)
 
 
 def _module_scores(

@@ -65,10 +65,12 @@ def mean_gradient(
     shard = current_shard()  # under torchrun: this rank's share, then the sums all-reduced
     low, high = shard.bounds(0, len(examples))
     failed = {"loss": torch.zeros((), device=tensors[0].device)}  # a non-finite loss seen
+    seen = ""  # the value, on the rank that saw it
     for first, last, batch in batches(model, task, examples, batch_size, desc, progress, low, high):
         value = task.loss(model, batch).sum() if loss is None else loss(batch, first, last)
         if not torch.isfinite(value):
             failed["loss"] += 1
+            seen = f" ({value.item()})"
             break
         grads = torch.autograd.grad(value, tensors, allow_unused=True)
         for name, g in zip(names, grads, strict=True):
@@ -76,7 +78,7 @@ def mean_gradient(
                 total[name] += g
     all_reduce_sums(failed, shard)  # every rank learns of it, so none waits for the others
     if failed["loss"].item():
-        raise NonFiniteError(f"the {desc} loss is not finite")
+        raise NonFiniteError(f"the {desc} loss is not finite{seen}")
     all_reduce_sums(total, shard)
     return {n: acc / len(examples) for n, acc in total.items()}
 
