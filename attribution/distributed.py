@@ -14,13 +14,19 @@ With ``n`` examples and ``w`` ranks, rank ``r`` takes ``[⌊r·n/w⌋, ⌊(r+1)�
 differ by at most one example, their union is the range, and the sums they join are the
 one-process sums up to the order of additions (equal to float64 rounding, tested).
 
+Work that only rank 0 does while the others have finished (the audit of ``excise
+forget``) runs inside :func:`alone`: there the libraries see one share and call no
+collective, so rank 0 never waits for ranks that are gone.
+
 >>> Shard(0, 1).bounds(3, 10), Shard(1, 3).bounds(0, 10)
 ((3, 10), (3, 6))
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -57,11 +63,32 @@ class Shard:
         )
 
 
+_ALONE = contextvars.ContextVar("excise_alone", default=False)
+
+
 def current_shard() -> Shard:
-    """The default process group's rank and size, or ``Shard(0, 1)`` when there is none."""
-    if dist.is_available() and dist.is_initialized():
+    """The default process group's rank and size, or ``Shard(0, 1)`` when there is none
+    (or inside :func:`alone`)."""
+    if dist.is_available() and dist.is_initialized() and not _ALONE.get():
         return Shard(dist.get_rank(), dist.get_world_size())
     return Shard()
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Inside the block this process is the whole world: :func:`current_shard` is
+    ``Shard(0, 1)`` and no library call starts a collective (for rank 0's work after
+    the others have stopped).
+
+    >>> with alone():
+    ...     current_shard()
+    Shard(rank=0, world_size=1)
+    """
+    token = _ALONE.set(True)
+    try:
+        yield
+    finally:
+        _ALONE.reset(token)
 
 
 def all_reduce_sums(sums: MutableMapping[str, Any], shard: Shard) -> None:

@@ -453,6 +453,8 @@ def _run_audit(args: argparse.Namespace) -> int:
     from excise.commands import audit
 
     result = audit.run(args)
+    if result is None:  # under torchrun: a rank other than 0 (rank 0 audits)
+        return EXIT_OK
     if not args.quiet:
         print(f"excise audit: {result['paths'].html}", file=sys.stderr)
         for measure, value, _ in headline_rows(result["report"]):
@@ -563,6 +565,8 @@ def _run_forget(args: argparse.Namespace) -> int:
             print(f"excise forget: {message}", file=sys.stderr)
 
     summary = forget.run(args, note)
+    if summary is None:  # under torchrun: a rank other than 0, its share done
+        return EXIT_OK
     attribution, unlearning = summary["attribution"], summary["unlearning"]
     scope = unlearning["scope"]
     print(

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 from excise.errors import BadInputError
 
-PARALLEL_COMMANDS = ("attribute", "index", "unlearn")
+PARALLEL_COMMANDS = ("attribute", "index", "unlearn", "forget", "audit")
 
 
 def launched_world_size() -> int:

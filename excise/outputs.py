@@ -7,10 +7,12 @@ stores.)
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from attribution.artifacts import check_writable
+from attribution.artifacts import atomic_directory, check_writable
+from attribution.distributed import current_shard
 from excise.errors import BadInputError
 
 
@@ -42,3 +44,15 @@ def check_new_output(path: str | Path, inputs: Iterable[str | Path]) -> Path:
         raise BadInputError(f"--out {path}: already exists; choose a new folder")
     check_writable(out)
     return out
+
+
+@contextlib.contextmanager
+def output_folder(out: Path, kind: str) -> Iterator[Path]:
+    """Rank 0 builds ``out`` atomically (:func:`attribution.artifacts.atomic_directory`);
+    under ``torchrun`` the other ranks get ``out`` as a name only and write nothing there
+    (the stores they are handed it for are opened by rank 0 alone)."""
+    if current_shard().is_main:
+        with atomic_directory(out, kind) as folder:
+            yield folder
+    else:
+        yield out

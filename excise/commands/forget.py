@@ -43,12 +43,12 @@ from analysis.report import write_report
 from analysis.shift import foresight
 from attribution import Factors, LanguageModelingTask, fit_factors
 from attribution.artifacts import (
-    atomic_directory,
     package_version,
     sha256_file,
     utc_timestamp,
     write_json,
 )
+from attribution.distributed import alone, broadcast, current_shard, on_main
 from attribution.fingerprint import fingerprint_of
 from attribution.influence import ScoreArguments, stored_pairwise_scores
 from excise.commands.attribute import RunDescription, topk_rows, write_topk
@@ -64,6 +64,7 @@ from excise.commands.unlearn import (
     EditOptions,
     arguments_from,
     edit_model,
+    manifest_of,
     with_strangers,
     write_outputs,
 )
@@ -71,7 +72,7 @@ from excise.context import check_fits_context, model_context
 from excise.errors import BadInputError, warn
 from excise.home import default_ledger_path, excise_home
 from excise.models import check_model_folder, choose_device
-from excise.outputs import check_new_output
+from excise.outputs import check_new_output, output_folder
 from excise.streaming import open_records
 from unlearn import check_sets
 from unlearn.guard import (
@@ -113,8 +114,15 @@ class ForgetInputs:
         return {"path": str(path) if path else None, "sha256": self.hashes.get(split), "n": n}
 
 
-def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Validate everything, run the five stages, record the request; returns the summary."""
+def run(
+    args: argparse.Namespace, note: Callable[[str], None] = lambda _: None
+) -> dict[str, Any] | None:
+    """Validate everything, run the five stages, record the request; returns the summary.
+
+    Under ``torchrun`` every rank takes its share of the attribution and of the unlearning
+    loop; then the ranks other than 0 return None and rank 0 alone writes the folder,
+    audits (:func:`attribution.distributed.alone`) and records the ledger row.
+    """
     options = arguments_from(args, has_holdout=uses_world(args) or bool(args.holdout), note=note)
     if args.guard < 0:
         raise BadInputError(f"--guard {args.guard}: must be >= 0 (training examples to guard)")
@@ -130,11 +138,12 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
     options, distilled = with_strangers(
         options, inputs.records.get("holdout"), inputs.records["forget"], note
     )
+    shard = current_shard()  # under torchrun: ranks share attribution and unlearning
     ledger = Ledger(args.ledger or default_ledger_path())
-    ledger.check_writable()  # before any work: a finished deletion must get its row
+    on_main(ledger.check_writable, shard)  # before any work: a deletion must get its row
     if args.out:
         check_not_unrecorded(Path(args.out), ledger)
-    out = check_new_output(args.out or _default_out(), _input_paths(inputs))
+    out = check_new_output(args.out or broadcast(_default_out(), shard), _input_paths(inputs))
     folders = {"before": inputs.model, "reference": inputs.reference}
     models, tokenizer = load_audit_models(folders, choose_device(args.device))
     check_fits_context(inputs.records, tokenizer, model_context(models["before"]))
@@ -143,7 +152,7 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
     progress = False if args.quiet else None
     warn(note, warnings)  # once every input is checked
     timings: dict[str, float] = {}
-    with atomic_directory(out, KIND) as folder:
+    with output_folder(out, KIND) as folder:  # under torchrun: rank 0 writes
         task = LanguageModelingTask(tokenizer)
         before = state_hashes(model)  # the original is hashed once, here
         with _timed(timings, "attribute", note):
@@ -176,21 +185,17 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
                 holdout=inputs.records.get("holdout"),
                 progress=progress,
             )
+            unlearn_inputs = {
+                **_unlearn_inputs(inputs, edit.fingerprint_before, factor_path),
+                "expanded_with": attribution["closure"].get("ids") if args.expand else None,
+                "guard": attribution["guard"]["ids"],
+            }
+            manifest = manifest_of(edit, unlearn_inputs, args.seed, started)
+            if not shard.is_main:
+                return None  # rank 0 alone writes, audits and records
             (folder / "unlearn").mkdir()
-            manifest = write_outputs(
-                folder / "unlearn",
-                edited,
-                tokenizer,
-                edit,
-                {
-                    **_unlearn_inputs(inputs, edit.fingerprint_before, factor_path),
-                    "expanded_with": attribution["closure"].get("ids") if args.expand else None,
-                    "guard": attribution["guard"]["ids"],
-                },
-                args.seed,
-                started,
-            )
-        with _timed(timings, "audit", note):
+            write_outputs(folder / "unlearn", edited, tokenizer, edit, manifest)
+        with _timed(timings, "audit", note), alone():  # the other ranks have stopped
             report, _ = audit_models(
                 model,
                 edited,
@@ -211,6 +216,7 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
             write_report(report, folder)
         summary = _summary(inputs, attribution, manifest, report, timings, args.seed, out)
         summary["expanded"] = bool(args.expand)
+        summary["world_size"] = shard.world_size  # the processes that shared the work
         summary["warnings"] = warnings
         entry = _ledger_entry(manifest, report, inputs, out)
         summary["ledger"] = {"path": str(ledger.path.resolve()), "entry": entry_fields(entry)}
@@ -285,10 +291,17 @@ _FILES = ("train", "forget", "retain", "neighbor", "real_authors", "world", "hol
 def _world_inputs(
     size: str, note: Callable[[str], None], progress: bool | None, device: str = "cpu"
 ) -> ForgetInputs:
-    from excise.world import PRESETS, build_world
+    from excise.world import PRESETS, build_world, world_is_built
     from excise.world.build import TRAINED_ON
 
-    folder, built = build_world(PRESETS[size](), progress=progress, note=note, device=device)
+    settings = PRESETS[size]()
+    if current_shard().parallel and not world_is_built(settings):  # no rank waits for a build
+        raise BadInputError(
+            f"the embedded {size} world is not built yet; build it once in one process "
+            f"(excise world --size {size}, on every machine), then run excise forget under "
+            "torchrun"
+        )
+    folder, built = build_world(settings, progress=progress, note=note, device=device)
     note(f"{'built' if built else 'using'} the embedded {size} world: {folder}")
     inputs = ForgetInputs(
         model=folder / "base",
@@ -331,7 +344,9 @@ def attribute(
             progress,
             fingerprint=fingerprint,
         )
-    folder.mkdir(exist_ok=True)
+    shard = current_shard()
+    if shard.is_main:
+        folder.mkdir(exist_ok=True)
     ids = {"query_ids": [q["id"] for q in forget], "train_ids": [z["id"] for z in train]}
     damping = options.scope.damping
     scores = stored_pairwise_scores(
@@ -348,9 +363,9 @@ def attribute(
     )
     k = min(TOP_K, len(train))
     rows = topk_rows(scores.total, forget, train, k)
-    write_topk(
-        folder, rows, RunDescription(str(inputs.model), _train_name(inputs), damping), factors
-    )
+    if shard.is_main:
+        described = RunDescription(str(inputs.model), _train_name(inputs), damping)
+        write_topk(folder, rows, described, factors)
     summary = attribution_summary(rows, forget, train, k)
     position = {z["id"]: i for i, z in enumerate(train)}
     own = [position.get(r["id"]) for r in forget]

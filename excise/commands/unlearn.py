@@ -26,7 +26,6 @@ from analysis.audit import overlap_warnings
 from analysis.calibration import TruthRatioMatch
 from attribution import FactorArguments, Factors, LanguageModelingTask, fit_factors
 from attribution.artifacts import (
-    atomic_directory,
     package_version,
     sha256_file,
     utc_timestamp,
@@ -34,6 +33,7 @@ from attribution.artifacts import (
 )
 from attribution.curvature import Damping
 from attribution.data import subject_pool
+from attribution.distributed import current_shard
 from attribution.precision import as_stored
 from excise.context import check_fits_context, model_context
 from excise.errors import BadInputError, warn
@@ -44,7 +44,7 @@ from excise.models import (
     no_transformers_progress_bars,
 )
 from excise.options import DAMPING_OPTIONS, FACTOR_FIELDS, add_options, from_options
-from excise.outputs import check_new_output
+from excise.outputs import check_new_output, output_folder
 from excise.recipes import BY_METHOD, RECIPE_FIELDS, default_help, settings
 from excise.records import read_records
 from excise.streaming import joined, open_records
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
     progress = False if args.quiet else None
     warn(note, warnings)  # once every input is checked
     started = time.perf_counter()
-    with atomic_directory(out, KIND) as folder:
+    with output_folder(out, KIND) as folder:  # under torchrun: rank 0 writes
         edit = edit_model(
             model,
             LanguageModelingTask(tokenizer),
@@ -183,9 +183,9 @@ def run(args: argparse.Namespace, note: Callable[[str], None] = lambda _: None) 
             "factors": str(args.factors) if args.factors else None,
             "reference": str(reference) if reference else None,
         }
-        manifest = write_outputs(
-            folder, model, tokenizer, edit, inputs, args.seed, started, warnings
-        )
+        manifest = manifest_of(edit, inputs, args.seed, started, warnings)
+        if current_shard().is_main:
+            write_outputs(folder, model, tokenizer, edit, manifest)
     manifest["out"] = str(out)
     return manifest
 
@@ -251,17 +251,21 @@ def calibrated_stop(arguments, model, task, forget, reference, holdout) -> Truth
     )
 
 
-def write_outputs(
-    folder: Path, model, tokenizer, edit: ScopedEdit, inputs, seed, started, warnings=()
-) -> dict[str, Any]:
-    """The model folder, the scope file and the manifest, inside ``folder``; ``warnings``:
-    sentences about the inputs, recorded in the manifest."""
+def write_outputs(folder: Path, model, tokenizer, edit: ScopedEdit, manifest) -> None:
+    """The model folder, the scope file and the manifest (:func:`manifest_of`), inside
+    ``folder``."""
     with no_transformers_progress_bars(), as_stored(model):  # in the input's dtype
         model.save_pretrained(folder / "model", safe_serialization=True)
         tokenizer.save_pretrained(folder / "model")
+    edit.scope.save(folder / "scope.safetensors")
+    write_json(folder / "manifest.json", manifest)
+
+
+def manifest_of(edit: ScopedEdit, inputs, seed, started, warnings=()) -> dict[str, Any]:
+    """The edit's manifest: method, arguments, scope, inputs, result and proof;
+    ``warnings``: sentences about the inputs."""
     scope = edit.scope
-    scope.save(folder / "scope.safetensors")
-    manifest = {
+    return {
         "schema": MANIFEST_SCHEMA,
         "excise_version": package_version(),
         "created_utc": utc_timestamp(),
@@ -283,8 +287,6 @@ def write_outputs(
         "warnings": list(warnings),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    write_json(folder / "manifest.json", manifest)
-    return manifest
 
 
 def _file_entry(path: str | Path, n: int) -> dict[str, Any]:

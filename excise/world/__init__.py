@@ -6,7 +6,7 @@
 ['default', 'large', 'tiny']
 """
 
-from excise.world.build import SPLITS, build_world, read_split, world_folder
+from excise.world.build import SPLITS, build_world, read_split, world_folder, world_is_built
 from excise.world.settings import PRESETS, WorldSettings, default, large, tiny
 
 __all__ = [
@@ -19,4 +19,5 @@ __all__ = [
     "read_split",
     "tiny",
     "world_folder",
+    "world_is_built",
 ]

@@ -96,6 +96,11 @@ def read_split(folder: str | Path, split: str) -> list[dict[str, Any]]:
     return read_records(Path(folder) / f"{split}.jsonl")
 
 
+def world_is_built(settings: WorldSettings, out: str | Path | None = None) -> bool:
+    """Whether the world of ``settings`` is built in ``out`` (default: the cache)."""
+    return _is_complete_world(Path(out) if out is not None else world_folder(settings), settings)
+
+
 def _is_complete_world(folder: Path, settings: WorldSettings) -> bool:
     try:
         info = json.loads((folder / "world.json").read_text(encoding="utf-8"))

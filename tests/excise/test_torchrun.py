@@ -42,10 +42,36 @@ def _attribute_args(files, out, *extra):
     ]
 
 
-def _launch(nproc, args):
+def _launch(nproc, args, env=ENV, only_rank_0_writes=None):
+    """``excise ARGS`` in ``nproc`` processes; with ``only_rank_0_writes`` (a tmp folder), a
+    rank other than 0 that puts a folder in place, writes a file atomically or records a
+    ledger row fails the run."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    command = [sys.executable, *(launcher if nproc > 1 else []), "-m", "excise", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+    program = ["-m", "excise"]
+    if only_rank_0_writes is not None:
+        script = only_rank_0_writes / "only_rank_0_writes.py"
+        script.write_text(ONLY_RANK_0_WRITES)
+        program = [str(script)]
+    command = [sys.executable, *(launcher if nproc > 1 else []), *program, *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+ONLY_RANK_0_WRITES = """
+import os, sys
+import analysis.ledger, attribution.artifacts as artifacts
+
+def refuse(name):
+    def refused(*args, **kwargs):
+        raise AssertionError(f"rank {os.environ['RANK']} called {name}: only rank 0 writes")
+    return refused
+
+if os.environ.get("RANK", "0") != "0":
+    artifacts._replace_folder = refuse("atomic_directory")
+    artifacts.write_bytes = refuse("write_bytes")
+    analysis.ledger.Ledger.record = refuse("Ledger.record")
+from excise.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def _tensors(path):
@@ -81,14 +107,17 @@ def test_attribute_under_torchrun_equals_one_process(files, tmp_path):
 
 
 def test_unlearn_under_torchrun_writes_the_model_of_one_process(files, tmp_path):
-    def unlearn(nproc, out):
+    def unlearn_args(out):  # a random scope: the ekfac one's float32 scores differ (README)
         args = ["unlearn", "--model", str(files["model"]), "--forget", str(files["forget"])]
         args += ["--retain", str(files["retain"]), "--out", str(out), "--quiet"]
-        args += ["--method", "npo", "--steps", "4", "--batch-size", "4", "--scope", "random"]
-        return _launch(nproc, args)
+        return [*args, "--method", "npo", "--steps", "4", "--batch-size", "4", "--scope", "random"]
+
+    def unlearn(nproc, out):
+        return _launch(nproc, unlearn_args(out))
 
     assert (one := unlearn(1, tmp_path / "one")).returncode == 0, one.stderr
-    assert (two := unlearn(2, tmp_path / "two")).returncode == 0, two.stderr
+    two = _launch(2, unlearn_args(tmp_path / "two"), only_rank_0_writes=tmp_path)
+    assert two.returncode == 0, two.stderr
     ours, _ = _tensors(tmp_path / "two" / "model" / "model.safetensors")
     theirs, _ = _tensors(tmp_path / "one" / "model" / "model.safetensors")
     for name, value in theirs.items():
@@ -98,6 +127,68 @@ def test_unlearn_under_torchrun_writes_the_model_of_one_process(files, tmp_path)
     shares = manifest["result"]["data_parallel"]
     steps_run = manifest["result"]["steps_run"]  # 4 forget + 4 retain examples a step
     assert shares == {"world_size": 2, "examples_per_rank": [4 * steps_run] * 2}
+
+
+def _forget_args(files, out, *extra):
+    args = ["forget", "--model", str(files["model"]), "--forget", str(files["forget"])]
+    args += ["--retain", str(files["retain"]), "--neighbor", str(files["query"])]
+    args += ["--out", str(out), "--ledger", str(out.parent / f"{out.name}.sqlite")]
+    return [*args, "--method", "npo", "--steps", "4", "--batch-size", "4", *extra]
+
+
+def test_forget_under_torchrun_shares_the_work_and_rank_0_alone_writes(files, tmp_path):
+    """Attribution and unlearning in shares (the same model as one process), then rank 0
+    alone writes the folder, audits and records one ledger row; the others print nothing."""
+    extra = ("--relearn-steps", "2", "--scope", "random")  # random: see the test above
+    one = _launch(1, _forget_args(files, tmp_path / "one", *extra))
+    assert one.returncode == 0, one.stderr
+    two = _launch(2, _forget_args(files, tmp_path / "two", *extra), only_rank_0_writes=tmp_path)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("ledger: request 1 in") == 1  # printed once, by rank 0
+    ours, _ = _tensors(tmp_path / "two" / "unlearn" / "model" / "model.safetensors")
+    theirs, _ = _tensors(tmp_path / "one" / "unlearn" / "model" / "model.safetensors")
+    for name, value in theirs.items():
+        torch.testing.assert_close(ours[name], value, rtol=1e-4, atol=1e-6)
+    for stage in ("factors/covariance", "scores/pairwise"):
+        _, metadata = _tensors(tmp_path / "two" / "attribution" / f"{stage}.safetensors")
+        counts = json.loads(metadata["examples_per_rank"])  # the training set: 8 + 16
+        assert metadata["world_size"] == "2" and counts == [12, 12], stage
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    expected = json.loads((tmp_path / "one" / "report.json").read_text())
+    measured = {k: v for k, v in expected["headline"].items() if v is not None}
+    assert measured.keys() == {k for k, v in report["headline"].items() if v is not None}
+    for key, value in measured.items():
+        assert report["headline"][key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+    summary = json.loads((tmp_path / "two" / "forget.json").read_text())
+    assert summary["world_size"] == 2
+    proof = summary["unlearning"]  # checked on rank 0
+    assert proof["out_of_scope_identical"] == proof["out_of_scope_tensors"]
+    assert json.loads((tmp_path / "two" / "ledger.json").read_text())["id"] == 1
+
+
+def test_audit_under_torchrun_is_rank_0s_audit(files, tmp_path):
+    def audit_args(out):
+        args = ["audit", "--before", str(files["model"]), "--after", str(files["model"])]
+        args += ["--forget", str(files["forget"]), "--retain", str(files["retain"])]
+        return [*args, "--out", str(out), "--relearn-steps", "0", "--quiet"]
+
+    assert (one := _launch(1, audit_args(tmp_path / "one"))).returncode == 0, one.stderr
+    two = _launch(2, audit_args(tmp_path / "two"), only_rank_0_writes=tmp_path)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.strip() == str(tmp_path / "two")
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    expected = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert report["headline"] == expected["headline"]
+
+
+def test_forget_under_torchrun_refuses_to_build_the_world(tmp_path):
+    """No rank waits while another builds the world: it is built first, in one process."""
+    env = {**ENV, "EXCISE_HOME": str(tmp_path / "home")}
+    run = _launch(2, ["forget", "--size", "tiny", "--out", str(tmp_path / "out")], env=env)
+    assert run.returncode != 0
+    assert "the embedded tiny world is not built yet" in run.stderr
+    assert "excise world --size tiny" in run.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "home" / "worlds").exists()
 
 
 SLOWED = """
