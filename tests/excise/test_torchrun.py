@@ -88,7 +88,7 @@ def test_attribute_under_torchrun_equals_one_process(files, tmp_path):
     extra = ("--self", "--partitions", "2", "--dtype", "float64", "--batch-size", "1")
     extra += ("--strategy", "kfac")
     one = _launch(1, _attribute_args(files, tmp_path / "one", *extra))
-    two = _launch(2, _attribute_args(files, tmp_path / "two", *extra))
+    two = _launch(2, _attribute_args(files, tmp_path / "two", *extra), only_rank_0_writes=tmp_path)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     assert two.stdout.strip() == str(tmp_path / "two")  # printed once, by rank 0
