@@ -42,11 +42,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(quiet=args.quiet)
     from attribution.errors import InputError  # imports torch: not before --version
-    from excise.distributed import joined
+    from excise.distributed import joined, runs_on_this_rank
 
     speaks = True  # under torchrun only rank 0 prints (excise.distributed)
     try:
         with joined(args.command, getattr(args, "device", None)) as speaks:
+            if not runs_on_this_rank(args.command):
+                return EXIT_OK  # rank 0 runs this command alone
             args.quiet = args.quiet or not speaks
             return args.handler(args)
     except InputError as err:  # every layer's user-input errors
@@ -453,8 +455,6 @@ def _run_audit(args: argparse.Namespace) -> int:
     from excise.commands import audit
 
     result = audit.run(args)
-    if result is None:  # under torchrun: a rank other than 0 (rank 0 audits)
-        return EXIT_OK
     if not args.quiet:
         print(f"excise audit: {result['paths'].html}", file=sys.stderr)
         for measure, value, _ in headline_rows(result["report"]):

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 
 from excise.errors import BadInputError
 
-PARALLEL_COMMANDS = ("attribute", "index", "unlearn", "forget", "audit")
+PARALLEL_COMMANDS = ("attribute", "index", "unlearn", "forget")  # the ranks share the work
+RANK_0_COMMANDS = ("audit", "world", "ledger")  # rank 0 runs it as one process, the rest stop
 
 
 def launched_world_size() -> int:
@@ -27,6 +28,15 @@ def launched_world_size() -> int:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
         raise BadInputError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
+
+
+def runs_on_this_rank(command: str) -> bool:
+    """False on the ranks other than 0 for a command that rank 0 runs alone."""
+    return command not in RANK_0_COMMANDS or _launched_rank() == 0
+
+
+def _launched_rank() -> int:
+    return int(os.environ.get("RANK", "0")) if launched_world_size() > 1 else 0
 
 
 def local_device(name: str):
@@ -43,16 +53,20 @@ def local_device(name: str):
 
 @contextlib.contextmanager
 def joined(command: str, device: str | None) -> Iterator[bool]:
-    """Join the torchrun process group for the block; yields whether this rank prints."""
+    """Join the torchrun process group for the block; yields whether this rank prints.
+
+    A command of :data:`RANK_0_COMMANDS` joins no group: rank 0 runs it as one process and
+    the other ranks have nothing to do (:func:`runs_on_this_rank`).
+    """
     world_size = launched_world_size()
     if world_size <= 1:
         yield True
         return
+    if command in RANK_0_COMMANDS:
+        yield _launched_rank() == 0
+        return
     if command not in PARALLEL_COMMANDS:
-        raise BadInputError(
-            f"excise {command} runs in one process; under torchrun use "
-            + " or ".join(f"excise {c}" for c in PARALLEL_COMMANDS)
-        )
+        raise BadInputError(f"excise {command} does not run under torchrun")
     import torch
     import torch.distributed as dist
 

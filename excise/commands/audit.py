@@ -32,7 +32,6 @@ from attribution.artifacts import (
     check_output_folder,
     sha256_file,
 )
-from attribution.distributed import alone, current_shard
 from attribution.task import LanguageModelingTask
 from excise.context import check_fits_context, model_context
 from excise.errors import BadInputError
@@ -44,19 +43,8 @@ KIND = "audit"
 ROLES = ("before", "after", "reference")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Validate everything, then audit and write OUT; returns the report, paths and OUT.
-
-    Under ``torchrun`` rank 0 audits alone and the other ranks return None at once: the
-    audit's evaluations are not shared among processes.
-    """
-    if not current_shard().is_main:
-        return None
-    with alone():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate everything, then audit and write OUT; returns the report, paths and OUT."""
     check_numbers(args.batch_size, args.relearn_steps, args.relearn_lr)
     folders = {"before": args.before, "after": args.after, "reference": args.reference}
     folders = {role: check_model_folder(path) for role, path in folders.items() if path}

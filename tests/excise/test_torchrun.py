@@ -164,6 +164,10 @@ def test_forget_under_torchrun_shares_the_work_and_rank_0_alone_writes(files, tm
     proof = summary["unlearning"]  # checked on rank 0
     assert proof["out_of_scope_identical"] == proof["out_of_scope_tensors"]
     assert json.loads((tmp_path / "two" / "ledger.json").read_text())["id"] == 1
+    listed = _launch(2, ["ledger", "list", "--ledger", str(tmp_path / "two.sqlite"), "--json"])
+    assert listed.returncode == 0, listed.stderr
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [row["id"] for row in rows] == [1]  # rank 0 alone printed
 
 
 def test_audit_under_torchrun_is_rank_0s_audit(files, tmp_path):
