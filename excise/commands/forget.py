@@ -139,10 +139,7 @@ def run(
         options, inputs.records.get("holdout"), inputs.records["forget"], note
     )
     shard = current_shard()  # under torchrun: ranks share attribution and unlearning
-    ledger = Ledger(args.ledger or default_ledger_path())
-    on_main(ledger.check_writable, shard)  # before any work: a deletion must get its row
-    if args.out:
-        check_not_unrecorded(Path(args.out), ledger)
+    ledger = on_main(lambda: _open_ledger(args), shard)  # rank 0's: it alone records
     out = check_new_output(args.out or broadcast(_default_out(), shard), _input_paths(inputs))
     folders = {"before": inputs.model, "reference": inputs.reference}
     models, tokenizer = load_audit_models(folders, choose_device(args.device))
@@ -226,6 +223,15 @@ def run(
         write_run_anchor(out, ledger, recorded)
     summary.update(ledger_id=recorded.id, ledger=str(ledger.path), report=report, timings=timings)
     return summary
+
+
+def _open_ledger(args: argparse.Namespace) -> Ledger:
+    """The ledger, checked before any work (a finished deletion must get its row)."""
+    ledger = Ledger(args.ledger or default_ledger_path())
+    ledger.check_writable()
+    if args.out:
+        check_not_unrecorded(Path(args.out), ledger)
+    return ledger
 
 
 def check_not_unrecorded(out: Path, ledger: Ledger) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import subprocess
 
 from attribution.artifacts import sha256_file
 
@@ -27,3 +30,19 @@ def long_record(words=80, id="long"):
     """A record longer than the tiny world's context of 64 tokens (its tokenizer reads
     one token per word)."""
     return {"id": id, "prompt": "Question:", "completion": " word" * words}
+
+
+def run_in_process(*args):
+    """``excise ARGS`` through :func:`excise.cli.main` in this process, its output captured;
+    returns a ``subprocess.CompletedProcess`` like a subprocess run (for the many cases
+    that stop at a bad argument, where starting an interpreter would be most of the cost).
+    """
+    from excise.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from excise.cli import main
 from excise.world import read_split
-from tests.excise.helpers import long_record, write_jsonl
+from tests.excise.helpers import long_record, run_in_process, write_jsonl
 
 from .test_cli import assert_one_line_error, run_cli
 
@@ -137,6 +137,23 @@ def assert_one_line_message(stderr, message):
         (["--modules", "model.layers.0.mlp.up_proj", "lm_hed"], "no module named 'lm_hed'"),
         (["--max-length", "4"], "no completion tokens left"),
         (["--device", "cuda:7"], "no CUDA device"),
+    ],
+)
+def test_bad_arguments_exit_2_and_write_nothing(files, tmp_path, extra, message):
+    """As a user runs it: ``python -m excise`` in a subprocess."""
+    out = tmp_path / "bad"
+    assert_one_line_error(run_cli(*_bad_attribute_args(files, out, extra)), message)
+    assert not out.exists()
+
+
+def _bad_attribute_args(files, out, extra):
+    args = ["attribute", "--model", str(files["model"]), "--train", str(files["train"])]
+    return [*args, "--query", str(files["query"]), "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
         # numbers are checked before anything is fitted or written (issue 15, items 4 and 9)
         (["--damping", "inf"], "damping value must be a finite number"),
         (["--damping", "nan"], "damping value must be a finite number"),
@@ -157,21 +174,10 @@ def assert_one_line_message(stderr, message):
         (["--choose-damping", "--search-margin", "-1"], "margin must be a finite number >= 0"),
     ],
 )
-def test_bad_arguments_exit_2_and_write_nothing(files, tmp_path, extra, message):
+def test_bad_numbers_and_option_pairs_exit_2_and_write_nothing(files, tmp_path, extra, message):
+    """The same front door in this process (no interpreter start per case)."""
     out = tmp_path / "bad"
-    result = run_cli(
-        "attribute",
-        "--model",
-        str(files["model"]),
-        "--train",
-        str(files["train"]),
-        "--query",
-        str(files["query"]),
-        "--out",
-        str(out),
-        *extra,
-    )
-    assert_one_line_error(result, message)
+    assert_one_line_error(run_in_process(*_bad_attribute_args(files, out, extra)), message)
     assert not out.exists()
 
 
