@@ -5,8 +5,9 @@ of the command with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous 
 their environment. :func:`joined` initializes the default process group from them —
 gloo on the CPU, NCCL when the command runs on CUDA, one GPU per local rank — so that the
 libraries share the data among the ranks (:mod:`attribution.distributed`); rank 0 writes
-and prints, the others are quiet. Without ``torchrun`` (no ``WORLD_SIZE`` above 1)
-nothing happens: a single process is the world.
+and prints, the others are quiet. ``audit``, ``world`` and ``ledger`` share no work: rank 0
+runs them as one process (joining no group) and the other ranks exit at once. Without
+``torchrun`` (no ``WORLD_SIZE`` above 1) nothing happens: a single process is the world.
 """
 
 from __future__ import annotations
